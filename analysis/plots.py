@@ -1,0 +1,197 @@
+"""PNG plots of one or more step logs, overlaid (one colour per run).
+
+Every plot is a function `Sequence[Log] -> Figure` listed in `PLOTS`; `write_plots` saves them
+all. A group a run did not log (no batch-size events, no per-layer stats) is said so on the
+plot instead of failing, so the same set of files comes out of every log.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from analysis import write_atomic
+from analysis.load import Log, load_logs
+
+SMOOTH_FRACTION = 0.02  # per-step rates are noisy: show a rolling mean over 2% of the steps
+
+
+def _figure(rows: int = 1, cols: int = 1, sharex: bool = False) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(6.4 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=sharex, squeeze=False)
+    return fig, axes.ravel()
+
+
+def _color(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def _say_none(fig: Figure, message: str) -> None:
+    for ax in fig.axes:
+        ax.set_axis_off()
+    fig.text(0.5, 0.5, message, ha="center", va="center", color="0.4")
+
+
+def _legend(ax: Axes) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _smooth(values: pd.Series) -> pd.Series:
+    window = max(1, int(len(values) * SMOOTH_FRACTION))
+    return values.replace([np.inf, -np.inf], np.nan).rolling(window, min_periods=1).mean()
+
+
+def _loss_and_accuracy(logs: Sequence[Log], by_time: bool) -> Figure:
+    fig, (loss_ax, acc_ax) = _figure(1, 2)
+    for i, log in enumerate(logs):
+        step_x = log.step_wall_time() if by_time else log.steps["step"]
+        eval_x = log.evals["wall_time_s"] if by_time else log.evals["step"]
+        loss_ax.plot(step_x, log.steps["loss"], color=_color(i), lw=0.8, alpha=0.8, label=f"{log.name} train")
+        loss_ax.plot(eval_x, log.evals["val_loss"], "o--", color=_color(i), ms=3, label=f"{log.name} val")
+        acc_ax.plot(eval_x, log.evals["val_accuracy"], "o-", color=_color(i), ms=3, label=log.name)
+    xlabel = "wall time (s)" if by_time else "step"
+    loss_ax.set(xlabel=xlabel, ylabel="loss", title="loss")
+    acc_ax.set(xlabel=xlabel, ylabel="validation accuracy", title="validation accuracy")
+    _legend(loss_ax)
+    _legend(acc_ax)
+    return fig
+
+
+def plot_curves_vs_step(logs: Sequence[Log]) -> Figure:
+    return _loss_and_accuracy(logs, by_time=False)
+
+
+def plot_curves_vs_time(logs: Sequence[Log]) -> Figure:
+    return _loss_and_accuracy(logs, by_time=True)
+
+
+def plot_batch_and_lr(logs: Sequence[Log]) -> Figure:
+    """Global batch and learning rate per step; dotted lines mark batch-size decisions."""
+    fig, (batch_ax, lr_ax) = _figure(2, 1, sharex=True)
+    for i, log in enumerate(logs):
+        batch_ax.step(log.steps["step"], log.steps["global_batch"], where="post", color=_color(i), label=log.name)
+        lr_ax.plot(log.steps["step"], log.steps["lr"], color=_color(i), label=log.name)
+        for j, step in enumerate(log.events["step"]):
+            label = f"{log.name} batch-size event" if j == 0 else None
+            for ax in (batch_ax, lr_ax):
+                ax.axvline(step, color=_color(i), ls=":", lw=1, label=label if ax is batch_ax else None)
+    batch_ax.set(ylabel="global batch", title="global batch size and learning rate")
+    lr_ax.set(xlabel="step", ylabel="learning rate")
+    if not any(len(log.events) for log in logs):
+        batch_ax.set_title("global batch size and learning rate (no batch-size events logged)")
+    _legend(batch_ax)
+    return fig
+
+
+def plot_bytes_per_step(logs: Sequence[Log]) -> Figure:
+    fig, (ax,) = _figure()
+    for i, log in enumerate(logs):
+        ax.plot(log.steps["step"], log.steps["wire_bytes"], color=_color(i), label=f"{log.name} wire")
+        ax.plot(log.steps["step"], log.steps["dense_bytes"], "--", color=_color(i), label=f"{log.name} dense")
+    ax.set(xlabel="step", ylabel="bytes per step", title="bytes sent (wire) vs uncompressed (dense)")
+    if any(len(log.steps) for log in logs):
+        ax.set_yscale("log")
+    _legend(ax)
+    return fig
+
+
+def layer_table(log: Log) -> pd.DataFrame:
+    """Per parameter: mean wire and dense bytes per logged step, and their ratio dense/wire."""
+    table = log.layers.groupby("name", sort=False)[["wire_bytes", "dense_bytes"]].mean()
+    table["ratio"] = table["dense_bytes"] / table["wire_bytes"].where(table["wire_bytes"] > 0)
+    return table
+
+
+def plot_bytes_per_layer(logs: Sequence[Log]) -> Figure:
+    """Per parameter: wire vs dense bytes and the compression ratio, one bar per run."""
+    with_layers = [(i, log) for i, log in enumerate(logs) if len(log.layers)]
+    names = list(dict.fromkeys(n for _, log in with_layers for n in log.layers["name"]))
+    fig, (bytes_ax, ratio_ax) = _figure(1, 2)
+    fig.set_figheight(max(3.6, 0.35 * len(names) * max(1, len(with_layers)) + 1.2))
+    if not names:
+        _say_none(fig, "no per-layer records logged (log.layers_every = 0, or the run is too short)")
+        return fig
+    y = np.arange(len(names))
+    height = 0.8 / len(with_layers)
+    for k, (i, log) in enumerate(with_layers):
+        table = layer_table(log).reindex(names)
+        offset = y - 0.4 + height * (k + 0.5)
+        bytes_ax.barh(offset, table["dense_bytes"], height, color="none", edgecolor=_color(i), ls="--",
+                      label=f"{log.name} dense")
+        bytes_ax.barh(offset, table["wire_bytes"], height, color=_color(i), label=f"{log.name} wire")
+        ratio_ax.barh(offset, table["ratio"], height, color=_color(i), label=log.name)
+    for ax in (bytes_ax, ratio_ax):
+        ax.set_yticks(y, names, fontsize="small")
+        ax.invert_yaxis()
+    bytes_ax.set(xscale="log", xlabel="bytes per logged step", title="wire vs dense bytes per parameter")
+    ratio_ax.set(xlabel="dense / wire", title="compression ratio per parameter")
+    _legend(bytes_ax)
+    return fig
+
+
+def plot_comm_share(logs: Sequence[Log]) -> Figure:
+    fig, (ax,) = _figure()
+    for i, log in enumerate(logs):
+        share = log.steps["comm_time_s"] / log.steps["step_time_s"]
+        ax.plot(log.steps["step"], _smooth(share), color=_color(i), label=log.name)
+    ax.set(xlabel="step", ylabel="comm time / step time", ylim=(0, None),
+           title="share of step time spent communicating (rolling mean)")
+    _legend(ax)
+    return fig
+
+
+def plot_throughput(logs: Sequence[Log]) -> Figure:
+    fig, (ax,) = _figure()
+    for i, log in enumerate(logs):
+        rate = log.steps["global_batch"] / log.steps["step_time_s"]
+        ax.plot(log.steps["step"], _smooth(rate), color=_color(i), label=log.name)
+    ax.set(xlabel="step", ylabel="samples / s", ylim=(0, None), title="throughput (rolling mean)")
+    _legend(ax)
+    return fig
+
+
+PLOTS: dict[str, tuple[str, Callable[[Sequence[Log]], Figure]]] = {
+    "loss_accuracy_vs_step": ("Loss and validation accuracy vs step", plot_curves_vs_step),
+    "loss_accuracy_vs_time": ("Loss and validation accuracy vs time", plot_curves_vs_time),
+    "batch_lr": ("Global batch size and learning rate, batch-size events marked", plot_batch_and_lr),
+    "bytes_per_step": ("Wire vs dense bytes per step", plot_bytes_per_step),
+    "bytes_per_layer": ("Wire vs dense bytes and compression ratio per parameter", plot_bytes_per_layer),
+    "comm_share": ("Communication time share", plot_comm_share),
+    "throughput": ("Throughput", plot_throughput),
+}
+
+
+def figure_png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_plots(logs: Sequence[Log], out_dir: Path) -> dict[str, Path]:
+    """Save every plot in `PLOTS` as `out_dir/<name>.png`; returns name -> path."""
+    return {name: write_atomic(out_dir / f"{name}.png", figure_png(make(logs)))
+            for name, (_, make) in PLOTS.items()}
+
+
+def _write_plots(args: argparse.Namespace) -> None:
+    for path in write_plots(load_logs(args.logs), args.out).values():
+        print(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("logs", nargs="+", type=Path, help="log.h5 files written by `hpctrain train`")
+    parser.add_argument("--out", type=Path, default=Path("plots"), help="directory for the PNGs (default: plots)")
+    parser.set_defaults(func=_write_plots)
+
+
+if __name__ == "__main__":
+    from analysis import run_script
+    sys.exit(run_script(add_arguments, "PNG plots of one or more step logs.", "python -m analysis.plots"))

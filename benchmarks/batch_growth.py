@@ -1,0 +1,100 @@
+"""Adaptive batch growth on MNIST-1D with 4 ranks: fixed small, fixed large, and each policy.
+
+Every run trains the same model for the same number of epochs (same samples seen) from the
+same seed; the adaptive runs start at global batch 32 and may grow to 512. Printed side by
+side: optimizer steps (= gradient allreduces), final batch, final validation accuracy, and
+wall time, plus the issue's target for the plateau and gns policies (≥ 1.5× fewer steps than
+fixed-32 and validation accuracy within 0.5 pt of it).
+
+    .venv/bin/python benchmarks/batch_growth.py [--np 4] [--epochs 10] [--only gns,fixed-32]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hpctrain.batch.orchestrator import scaled_lr  # noqa: E402
+from hpctrain.h5log import read_log  # noqa: E402
+from tests.helpers import run_mpi  # noqa: E402
+
+SMALL, LARGE = 32, 512
+BASE = {"train.optimizer": '"sgd"', "train.momentum": 0.9, "train.lr_schedule": '"cosine"',
+        "batch.max": LARGE, "batch.lr_scaling": '"sqrt"', "batch.warmup_steps": 50,
+        "checkpoint.every_epochs": 0, "train.progress": "false"}
+BASE_LR = 0.02        # tuned for the small batch; the large fixed batch gets it rescaled (sqrt)
+
+
+def runs(epochs: int) -> dict[str, dict[str, object]]:
+    """Name → config overrides. The growth points of `schedule` are spread over the first half."""
+    grow_at = sorted({max(1, round(epochs * f)) for f in (0.1, 0.2, 0.3, 0.4)})
+    return {
+        f"fixed-{SMALL}": {"batch.initial": SMALL, "batch.max": SMALL, "train.lr": BASE_LR},
+        f"fixed-{LARGE}": {"batch.initial": LARGE, "batch.max": LARGE,
+                           "train.lr": scaled_lr(BASE_LR, LARGE, SMALL, "sqrt")},
+        "schedule": {"batch.policy": '"schedule"', "batch.at_epochs": grow_at},
+        "plateau": {"batch.policy": '"plateau"', "batch.plateau_metric": '"train_loss"',
+                    "batch.decide_every": 50, "batch.patience": 2, "batch.min_delta": 0.01},
+        "gns": {"batch.policy": '"gns"', "batch.decide_every": 20, "batch.gns_ema": 0.95},
+    }
+
+
+def train(name: str, overrides: dict[str, object], out_dir: Path, ranks: int, epochs: int) -> dict[str, object]:
+    settings = {**BASE, "batch.initial": SMALL, "train.lr": BASE_LR, **overrides, "train.epochs": epochs,
+                "run.out_dir": f'"{out_dir}"', "run.name": f'"{name}"'}
+    args = ["train", "--config", REPO / "configs" / "mnist1d.toml"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    start = time.perf_counter()
+    run_mpi(ranks, args, timeout=3600)
+    wall = time.perf_counter() - start
+    log = read_log(out_dir / name / "log.h5")
+    return {"steps": len(log["steps"]["step"]), "final_batch": int(log["steps"]["global_batch"][-1]),
+            "growths": len(log["events"]["step"]), "val_accuracy": float(log["evals"]["val_accuracy"][-1]),
+            "train_s": float(log["steps"]["step_time_s"].sum()), "wall_s": wall}
+
+
+def table(results: dict[str, dict[str, object]]) -> str:
+    ref = results.get(f"fixed-{SMALL}")
+    lines = ["| run | steps | fewer steps | final batch | val acc | Δ acc (pt) | train s | wall s | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in results.items():
+        fewer = f"{ref['steps'] / r['steps']:.2f}×" if ref else "-"
+        delta = (r["val_accuracy"] - ref["val_accuracy"]) * 100 if ref else float("nan")
+        target = "-"
+        if ref and name in ("plateau", "gns"):
+            met = ref["steps"] / r["steps"] >= 1.5 and delta >= -0.5 and r["final_batch"] >= LARGE
+            target = "met" if met else "MISSED"
+        lines.append(f"| {name} | {r['steps']} | {fewer} | {r['final_batch']} | {r['val_accuracy'] * 100:.2f}% "
+                     f"| {delta:+.2f} | {r['train_s']:.1f} | {r['wall_s']:.1f} | {target} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--np", type=int, default=4, help="ranks (default 4)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    args = parser.parse_args()
+    selected = runs(args.epochs)
+    if args.only:
+        selected = {k: v for k, v in selected.items() if k in args.only.split(",")}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.out_dir or Path(tmp)
+        for name, overrides in selected.items():
+            results[name] = train(name, overrides, out_dir, args.np, args.epochs)
+            print(f"{name}: {results[name]}", flush=True)
+    print(f"\nMNIST-1D, {args.np} ranks, {args.epochs} epochs, SGD momentum 0.9, cosine LR by samples, "
+          f"base LR {BASE_LR} at batch {SMALL}, sqrt LR scaling\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Per-layer policy: which compressor each parameter gets, and the small-tensor bypass."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from hpctrain.compression.base import Compressor
+from hpctrain.compression.dense import NoCompression
+
+
+@dataclass
+class Policy:
+    """Pick a compressor per parameter name.
+
+    `rules` map glob patterns (matched against the parameter's name) to a compressor, or to
+    None for "send dense"; the first matching rule wins, else `default` (None: dense).
+    Tensors with fewer than `min_numel` elements, and shapes the chosen compressor cannot
+    handle, bypass compression and ride one fused dense allreduce at the end of backward;
+    larger dense tensors are sent one by one as soon as their gradient is ready.
+    """
+    default: Compressor | None = None
+    rules: dict[str, Compressor | None] = field(default_factory=dict)
+    min_numel: int = 1024
+
+    def choose(self, name: str) -> Compressor | None:
+        """The rule (or default) for this name, before the size and shape checks; None: dense."""
+        for pattern, compressor in self.rules.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return compressor
+        return self.default
+
+    def bypass_reason(self, name: str, param: torch.Tensor) -> str | None:
+        """Why this parameter rides the fused dense bypass ("small", "shape"), or None."""
+        if param.numel() < self.min_numel:
+            return "small"
+        chosen = self.choose(name)
+        if chosen is not None and not chosen.applies_to(param.shape):
+            return "shape"
+        return None
+
+    def resolve(self, name: str, param: torch.Tensor) -> Compressor | None:
+        """The compressor for this parameter, or None for the fused small-tensor bypass."""
+        if self.bypass_reason(name, param) is not None:
+            return None
+        return self.choose(name) or _DENSE
+
+
+_DENSE = NoCompression()
+
+
+def as_policy(compression: Compressor | Policy | None) -> Policy:
+    """Accept a bare compressor where a policy is expected (mirrors hvd's `compression=`)."""
+    if isinstance(compression, Policy):
+        return compression
+    return Policy(default=compression)
+
+
+def describe(policy: Policy, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """One aligned line per parameter: name, shape, and what it is sent with (printed by rank 0)."""
+    rows = []
+    for name, param in named_parameters:
+        reason = policy.bypass_reason(name, param)
+        if reason == "small":
+            what = f"dense (bypass: small, numel < {policy.min_numel})"
+        elif reason == "shape":
+            what = f"dense (bypass: {policy.choose(name).name} does not apply to this shape)"
+        else:
+            compressor = policy.choose(name)
+            what = repr(compressor) if compressor is not None else "dense"
+        rows.append((name, str(tuple(param.shape)), what))
+    name_width = max((len(r[0]) for r in rows), default=0)
+    shape_width = max((len(r[1]) for r in rows), default=0)
+    return [f"{n:<{name_width}}  {s:<{shape_width}}  {w}" for n, s, w in rows]

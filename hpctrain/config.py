@@ -1,0 +1,349 @@
+"""TOML run configuration → typed dataclasses, validated with one-line errors.
+
+Every section is a dataclass; its fields (with type hints and defaults) are the schema.
+`load_config` rejects unknown keys (suggesting the closest valid one), wrong types and values
+outside a `Literal`'s choices, so a typo fails on every rank before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hpctrain.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    # World sizes this run may be launched with; empty means any.
+    world_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    # A built-in dataset ("mnist1d", "digits"), an HDF5 file with x/y, or a shard directory.
+    name: str = "mnist1d"
+    # mnist1d only: how many samples to generate (train + test).
+    num_samples: int = 10000
+    # Fraction held out for validation when the source has no split of its own.
+    val_fraction: float = 0.2
+    # Importance filtering (see hpctrain.data.filtering): keep this fraction of samples.
+    keep_fraction: float = 1.0
+    # Score method (a dataset in scores.h5) and which samples to keep: "hardest", "easiest",
+    # "middle", or a score range "lo:hi" (then leave keep_fraction at 1).
+    score: str = "el2n"
+    keep: str = "hardest"
+    # Scores file from `hpctrain score`; empty means <shard directory>/scores.h5.
+    scores_file: str = ""
+    # InfoBatch-style: each epoch drop `dynamic_prune` of the below-mean-score samples at random
+    # and scale the loss of the remaining ones by 1 / (1 - dynamic_prune).
+    dynamic: bool = False
+    dynamic_prune: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    # "cnn1d", "mlp", or "package.module:factory" (called with the args below).
+    name: str = "cnn1d"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Stop after this many optimizer steps (0: run all epochs).
+    max_steps: int = 0
+    backward_passes_per_step: int = 1
+    fusion: Literal["none", "backward", "forward"] = "none"
+    abort_on_nan: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+
+@dataclass
+class BatchConfig:
+    # Global batch size (summed over ranks) at the start, and the most it may grow to.
+    initial: int = 128
+    max: int = 0
+    # Most samples per forward pass on one rank (0: no cap); beyond it, gradient accumulation.
+    max_local: int = 0
+    policy: Literal["fixed", "schedule", "plateau", "gns"] = "fixed"
+    growth_factor: int = 2
+    # The LR is train.lr at batch.initial, rescaled by this at each growth, ramped over warmup_steps.
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    warmup_steps: int = 0
+    # schedule policy: grow when these epochs begin, and after these optimizer steps.
+    at_epochs: list[int] = field(default_factory=list)
+    at_steps: list[int] = field(default_factory=list)
+    # plateau policy: grow after `patience` checks without improving by min_delta; val_loss is
+    # checked each epoch end, train_loss (mean over decide_every steps) every decide_every steps.
+    plateau_metric: Literal["val_loss", "train_loss"] = "val_loss"
+    patience: int = 2
+    min_delta: float = 1e-3
+    # gns policy: EMA factor of the noise-scale estimate and steps between decisions.
+    gns_ema: float = 0.95
+    decide_every: int = 20
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    every_epochs: int = 1
+    keep: int = 2
+
+
+@dataclass
+class LogConfig:
+    # Write per-layer compression stats every N steps (0: never).
+    layers_every: int = 50
+
+
+@dataclass
+class AdaCompConfig:
+    conv_bin: int = 50
+    fc_bin: int = 500
+    quantize: bool = True
+
+
+@dataclass
+class ThresholdConfig:
+    density: float = 0.001
+    refresh_every: int = 1000
+
+
+@dataclass
+class LowRankConfig:
+    rank: int = 4
+    power_iterations: int = 1
+    warm_start: bool = True
+
+
+@dataclass
+class TopKConfig:
+    ratio: float = 0.01
+
+
+COMPRESSOR_NAMES = ("none", "fp16", "topk", "adacomp", "threshold", "lowrank")
+
+
+@dataclass
+class CompressionConfig:
+    name: Literal["none", "fp16", "topk", "adacomp", "threshold", "lowrank"] = "none"
+    # Tensors with fewer elements skip compression and ride one fused dense allreduce.
+    min_numel: int = 1024
+    adacomp: AdaCompConfig = field(default_factory=AdaCompConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    topk: TopKConfig = field(default_factory=TopKConfig)
+    # Parameter-name glob → compressor name, first match wins (e.g. "*.bias" = "none").
+    rules: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class HorovodConfig:
+    # Job templates export these as HOROVOD_FUSION_THRESHOLD (bytes) and HOROVOD_CYCLE_TIME.
+    fusion_threshold_mb: int = 64
+    cycle_time_ms: float = 1.0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    horovod: HorovodConfig = field(default_factory=HorovodConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly convert) one value against a field's type hint."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config: [{key}] must be a table, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise UserError(f"config: {key} = {value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"config: {key} must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config: {key} must be a table, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {k: _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise UserError(f"config: {key} must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            where = f"[{prefix}]" if prefix else "the top level"
+            raise UserError(f"config: unknown key {full!r}{hint}; valid keys in {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    positive = {
+        "train.epochs": cfg.train.epochs, "batch.initial": cfg.batch.initial,
+        "train.backward_passes_per_step": cfg.train.backward_passes_per_step,
+        "compression.lowrank.rank": cfg.compression.lowrank.rank,
+        "compression.adacomp.conv_bin": cfg.compression.adacomp.conv_bin,
+        "compression.adacomp.fc_bin": cfg.compression.adacomp.fc_bin,
+        "compression.threshold.refresh_every": cfg.compression.threshold.refresh_every,
+        "batch.growth_factor": cfg.batch.growth_factor,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config: {key} = {value} must be positive")
+    if not cfg.train.lr > 0:
+        raise UserError(f"config: train.lr = {cfg.train.lr} must be positive")
+    for key, value in {"data.keep_fraction": cfg.data.keep_fraction,
+                       "compression.threshold.density": cfg.compression.threshold.density,
+                       "compression.topk.ratio": cfg.compression.topk.ratio}.items():
+        if not 0 < value <= 1:
+            raise UserError(f"config: {key} = {value} must be in (0, 1]")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise UserError(f"config: data.val_fraction = {cfg.data.val_fraction} must be in (0, 1)")
+    for pattern, name in cfg.compression.rules.items():
+        if name not in COMPRESSOR_NAMES:
+            raise UserError(f"config: compression.rules.{pattern!r} = {name!r}; choose one of {', '.join(COMPRESSOR_NAMES)}")
+    if cfg.batch.max and cfg.batch.max < cfg.batch.initial:
+        raise UserError(f"config: batch.max = {cfg.batch.max} is below batch.initial = {cfg.batch.initial}")
+    _validate_batch(cfg.batch)
+    if cfg.batch.policy == "gns" and cfg.train.fusion == "forward":
+        raise UserError("config: batch.policy = 'gns' reads the averaged gradient at step(), which "
+                        "train.fusion = 'forward' defers; use fusion 'none' or 'backward'")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise UserError(f"config: run.name = {cfg.run.name!r} must be a non-empty name without '/'")
+
+
+def _validate_batch(batch: BatchConfig) -> None:
+    """[batch] checks: an adaptive policy needs room to grow and a trigger."""
+    for key in ("decide_every", "patience"):
+        if getattr(batch, key) <= 0:
+            raise UserError(f"config: batch.{key} = {getattr(batch, key)} must be positive")
+    for key in ("max_local", "warmup_steps"):
+        if getattr(batch, key) < 0:
+            raise UserError(f"config: batch.{key} = {getattr(batch, key)} must be 0 or positive")
+    if batch.min_delta < 0:
+        raise UserError(f"config: batch.min_delta = {batch.min_delta} must be 0 or positive")
+    if not 0 <= batch.gns_ema < 1:
+        raise UserError(f"config: batch.gns_ema = {batch.gns_ema} must be in [0, 1)")
+    if any(v <= 0 for v in batch.at_epochs + batch.at_steps):
+        raise UserError("config: batch.at_epochs and batch.at_steps must hold positive numbers "
+                        "(epoch e: grow when epoch e begins, after e epochs; step s: after step s)")
+    if batch.policy == "fixed":
+        return
+    if batch.max <= batch.initial:
+        raise UserError(f"config: batch.policy = {batch.policy!r} grows the batch up to batch.max, "
+                        f"but batch.max = {batch.max}; set batch.max above batch.initial = {batch.initial}")
+    if batch.growth_factor < 2:
+        raise UserError(f"config: batch.growth_factor = {batch.growth_factor} must be at least 2 "
+                        f"for batch.policy = {batch.policy!r}")
+    if batch.policy == "schedule" and not (batch.at_epochs or batch.at_steps):
+        raise UserError("config: batch.policy = 'schedule' needs batch.at_epochs or batch.at_steps "
+                        "(e.g. at_epochs = [3, 6])")
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """`section.key=value` → (["section", "key"], value); the value is read as TOML, else a string."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected section.key=value")
+    path, raw = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path.strip().split("."), value
+
+
+def config_from_dict(table: dict[str, Any], overrides: list[str] = ()) -> Config:
+    table = json.loads(json.dumps(table))  # deep copy; overrides must not touch the caller's dict
+    for assignment in overrides:
+        keys, value = parse_override(assignment)
+        node = table
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {assignment!r}: {key!r} is not a table")
+        node[keys[-1]] = value
+    cfg = _build(Config, table)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or only defaults when `path` is None) and apply `--set` overrides."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} not found; pass an existing TOML file (see configs/)")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    return config_from_dict(table, overrides)
+
+
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """Reject a launch the config forbids, before any work starts."""
+    if cfg.run.world_sizes and world_size not in cfg.run.world_sizes:
+        allowed = ", ".join(map(str, cfg.run.world_sizes))
+        raise UserError(f"world size {world_size} is not allowed by run.world_sizes = [{allowed}]; "
+                        f"launch with -np one of {allowed} or change run.world_sizes")
+    if cfg.batch.initial % world_size:
+        raise UserError(f"batch.initial = {cfg.batch.initial} is not divisible by world size {world_size}; "
+                        f"use a multiple of {world_size}")

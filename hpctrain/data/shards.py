@@ -1,0 +1,518 @@
+"""HDF5 shard directories: written in parallel from any source, verified, and read lazily by training.
+
+Layout of a shard directory DIR (schema `SCHEMA_VERSION`):
+
+  shard-00000.h5 ...  each holds samples of one split: `x` [n, *sample_shape] in the source dtype
+                      (chunked in blocks of whole samples, optional gzip/lzf, fletcher32 so a
+                      corrupt chunk fails on read), `y` int64 [n], `sample_id` int64 [n];
+                      attrs schema_version, split, index, count, sample_shape, x_dtype.
+  index.h5            labels, sample ids and split of every sample, in shard order, so opening
+                      the set reads one small file instead of touching every shard.
+  manifest.json       written LAST and atomically: counts, shapes, dtypes, and bytes/SHA-256 of
+                      every shard and of index.h5. A directory without it is an unfinished write.
+
+Every file is written under a temporary name and renamed, so a crash never leaves a file that
+looks complete. Under mpirun rank r writes shards r, r+size, ...; rank 0 writes index and manifest.
+Opening for training checks sizes and structure (cheap); `hpctrain shard verify` checks SHA-256.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from hpctrain.data import Splits, holdout_positions
+from hpctrain.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.h5"
+SPLITS = ("train", "val")
+CHUNK_BYTES = 256 * 1024           # uncompressed bytes per chunk: small enough for random access
+MAX_OPEN_FILES = 16                # shard handles kept open per process
+COMPRESSIONS: dict[str, dict[str, Any]] = {
+    "none": {}, "lzf": {"compression": "lzf"}, "gzip": {"compression": "gzip", "compression_opts": 4},
+}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+@dataclass
+class SourceSplit:
+    """One split of a source: `x` is any array-like that slices (ndarray, memmap, h5py dataset)."""
+    split: str
+    x: Any
+    y: np.ndarray
+    sample_ids: np.ndarray
+
+
+def _checked(split: str, x: Any, y: Any, ids: np.ndarray, where: str) -> SourceSplit:
+    y = np.asarray(y)
+    if len(x) != len(y):
+        raise UserError(f"{where}: {split} x has {len(x)} samples but y has {len(y)}; they must match")
+    if len(y) == 0:
+        raise UserError(f"{where}: the {split} split is empty; give at least one sample")
+    if not np.issubdtype(np.dtype(x.dtype), np.number):
+        raise UserError(f"{where}: x has dtype {x.dtype}; shards need numeric samples")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.array_equal(y, np.round(y)):
+            raise UserError(f"{where}: y must hold integer class labels, got dtype {y.dtype} with fractions")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        raise UserError(f"{where}: y has negative labels (min {y.min()}); classes must be 0..C-1")
+    return SourceSplit(split, x, y, np.asarray(ids, dtype=np.int64))
+
+
+def _pair(arrays: Any, where: str, first_id: int = 0) -> list[SourceSplit]:
+    """x/y (and optional x_val/y_val) from an npz or HDF5 file; val ids follow the train ids,
+    as `hpctrain.data.builtin.load_hdf5_file` numbers them."""
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise UserError(f"{where}: lacks {missing}; it needs x [N, ...] and y [N] (optionally x_val, y_val)")
+    n = len(arrays["y"])
+    out = [_checked("train", arrays["x"], arrays["y"][:], np.arange(first_id, first_id + n), where)]
+    if "x_val" in arrays and "y_val" in arrays:
+        m = len(arrays["y_val"])
+        out.append(_checked("val", arrays["x_val"], arrays["y_val"][:], np.arange(n, n + m), where))
+    return out
+
+
+@contextmanager
+def open_source(src: str, labels: str | None = None, num_samples: int = 10000) -> Iterator[list[SourceSplit]]:
+    """Open SRC (.npz, x .npy + labels .npy, HDF5 with x/y, or a built-in dataset name) as splits."""
+    from hpctrain.data import builtin
+
+    path = Path(src)
+    if src in builtin.BUILTINS:
+        from hpctrain.config import DataConfig
+        splits = builtin.BUILTINS[src](DataConfig(name=src, num_samples=num_samples), 0)
+        out = []
+        for split, ds in zip(SPLITS, (splits.train, splits.val)):
+            x, y = ds.get(np.arange(len(ds)))
+            out.append(_checked(split, x, y, ds.sample_ids, src))
+        yield out
+    elif not path.is_file():
+        raise UserError(f"--input {src!r} is neither a built-in dataset ({', '.join(builtin.BUILTINS)}) "
+                        f"nor an existing .npz/.npy/.h5 file; fix the path")
+    elif path.suffix == ".npz":
+        with np.load(path) as f:
+            yield _pair({k: f[k] for k in f.files}, src)
+    elif path.suffix == ".npy":
+        label_path = Path(labels) if labels else path.with_name("y" + path.name[1:])
+        if not labels and not path.name.startswith("x"):
+            raise UserError(f"--input {src}: name the labels file with --labels Y.npy "
+                            f"(only x*.npy finds its y*.npy sibling by itself)")
+        if not label_path.is_file():
+            raise UserError(f"labels file {label_path} not found; pass --labels Y.npy next to --input {src}")
+        x = np.load(path, mmap_mode="r")
+        yield [_checked("train", x, np.load(label_path), np.arange(len(x)), src)]
+    else:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise UserError(f"--input {src}: not a readable .npz, .npy or HDF5 file ({exc})") from None
+        with f:
+            yield _pair(f, src)
+
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    source: int          # which SourceSplit
+    start: int
+    stop: int
+
+
+def plan_shards(sources: list[SourceSplit], shard_size: int) -> list[ShardPlan]:
+    """Cut every split into shards of `shard_size` samples; the plan is the same on every rank."""
+    if shard_size < 1:
+        raise UserError(f"--shard-size {shard_size} must be a positive number of samples")
+    plans: list[ShardPlan] = []
+    for s, source in enumerate(sources):
+        for start in range(0, len(source.y), shard_size):
+            plans.append(ShardPlan(len(plans), s, start, min(start + shard_size, len(source.y))))
+    return plans
+
+
+def _chunk_rows(sample_shape: tuple[int, ...], dtype: np.dtype, count: int) -> int:
+    sample_bytes = max(1, int(np.prod(sample_shape, dtype=np.int64)) * dtype.itemsize)
+    return int(min(count, max(1, CHUNK_BYTES // sample_bytes)))
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: str) -> dict[str, Any]:
+    """Write one shard (temp name, then rename) and return its manifest entry."""
+    count = plan.stop - plan.start
+    sample_shape = tuple(source.x.shape[1:])
+    dtype = np.dtype(source.x.dtype)
+    rows = _chunk_rows(sample_shape, dtype, count)
+    path = out / shard_name(plan.index)
+    tmp = _tmp_name(path)
+    with h5py.File(tmp, "w") as f:
+        x = f.create_dataset("x", shape=(count, *sample_shape), dtype=dtype, chunks=(rows, *sample_shape),
+                             fletcher32=True, **COMPRESSIONS[compression])
+        for lo in range(0, count, rows):        # one chunk at a time: memory stays one chunk
+            hi = min(lo + rows, count)
+            x[lo:hi] = source.x[plan.start + lo:plan.start + hi]
+        f.create_dataset("y", data=source.y[plan.start:plan.stop], dtype=np.int64)
+        f.create_dataset("sample_id", data=source.sample_ids[plan.start:plan.stop], dtype=np.int64)
+        f.attrs.update(schema_version=SCHEMA_VERSION, split=source.split, index=plan.index, count=count,
+                       sample_shape=np.asarray(sample_shape, dtype=np.int64), x_dtype=dtype.str)
+    os.replace(tmp, path)
+    return {"file": path.name, "split": source.split, "count": count, "chunk_rows": rows,
+            "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_shards(sources: list[SourceSplit], out: Path, shard_size: int, compression: str,
+                 rank: int = 0, size: int = 1) -> list[dict[str, Any]]:
+    """Write this rank's shards (r, r+size, ...); returns their manifest entries."""
+    plans = plan_shards(sources, shard_size)[rank::size]
+    return [write_shard(out, plan, sources[plan.source], compression)
+            for plan in tqdm(plans, desc="shards", unit="shard", disable=rank != 0)]
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Make `out` an empty shard directory; an old one is removed only with --overwrite, manifest first."""
+    out.mkdir(parents=True, exist_ok=True)
+    ours = [out / MANIFEST, out / INDEX, out / "scores.h5", *out.glob("shard-*.h5"), *out.glob(".*.tmp*")]
+    ours = [p for p in ours if p.exists()]
+    others = sorted(p.name for p in out.iterdir() if p not in ours)
+    if others:
+        raise UserError(f"--out {out} holds other files ({', '.join(others[:3])}); choose an empty or new directory")
+    if ours and not overwrite:
+        raise UserError(f"--out {out} already holds shards; pass --overwrite to replace them (and their scores)")
+    for p in ours:                  # ours[0] is the manifest: the directory stops looking complete first
+        p.unlink()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _tmp_name(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: list[dict[str, Any]],
+                             source_name: str, shard_size: int, compression: str) -> dict[str, Any]:
+    """Rank 0, after every shard exists: index.h5, then manifest.json (the commit point)."""
+    entries = sorted(entries, key=lambda e: int(e["file"][6:11]))
+    plans = plan_shards(sources, shard_size)
+    if [e["file"] for e in entries] != [shard_name(p.index) for p in plans]:
+        raise RuntimeError(f"gathered shard entries do not match the plan of {len(plans)} shards")
+    order = [sources[p.source] for p in plans]
+    index_path = out / INDEX
+    tmp = _tmp_name(index_path)
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("y", data=np.concatenate([s.y[p.start:p.stop] for s, p in zip(order, plans)]))
+        f.create_dataset("sample_id", data=np.concatenate([s.sample_ids[p.start:p.stop] for s, p in zip(order, plans)]))
+        f.create_dataset("shard_count", data=np.array([e["count"] for e in entries], dtype=np.int64))
+    os.replace(tmp, index_path)
+    first = sources[0]
+    manifest = {
+        "format": "hpctrain-shards", "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "source": source_name,
+        "sample_shape": list(first.x.shape[1:]), "x_dtype": np.dtype(first.x.dtype).str,
+        "num_classes": int(max(s.y.max() for s in sources)) + 1,
+        "counts": {s.split: len(s.y) for s in sources}, "shard_size": shard_size, "compression": compression,
+        "index": {"file": INDEX, "bytes": index_path.stat().st_size, "sha256": sha256_file(index_path)},
+        "shards": entries,
+    }
+    _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def check_consistent_sources(sources: list[SourceSplit], where: str) -> None:
+    shapes = {tuple(s.x.shape[1:]) for s in sources}
+    if len(shapes) > 1:
+        raise UserError(f"{where}: train and val samples have different shapes {sorted(shapes)}; they must match")
+    ids = np.concatenate([s.sample_ids for s in sources])
+    if len(np.unique(ids)) != len(ids):
+        raise UserError(f"{where}: sample ids repeat; every sample needs its own id")
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def _fix(root: Path, manifest: dict[str, Any] | None = None) -> str:
+    source = (manifest or {}).get("source", "SRC")
+    return f"re-create it with `hpctrain shard --input {source} --out {root} --overwrite`"
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest, or one line saying why this is not a complete shard directory."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{path} is missing: {root} is not a shard directory or its write did not finish; {_fix(root)}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); {_fix(root)}") from None
+    if manifest.get("format") != "hpctrain-shards" or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: format/schema {manifest.get('format')}/{manifest.get('schema_version')} is not "
+                        f"hpctrain-shards/{SCHEMA_VERSION}; {_fix(root, manifest)}")
+    return manifest
+
+
+def manifest_hash(root: Path) -> str:
+    """SHA-256 of the manifest: names this exact set of shards (scores record it as provenance)."""
+    return sha256_file(root / MANIFEST)
+
+
+def _check_file(root: Path, manifest: dict[str, Any], entry: dict[str, Any], full: bool) -> None:
+    path = root / entry["file"]
+    if not path.is_file():
+        raise UserError(f"{path} is missing (listed in {MANIFEST}); restore it or {_fix(root, manifest)}")
+    actual = path.stat().st_size
+    if actual != entry["bytes"]:
+        raise UserError(f"{path} has {actual} bytes but {MANIFEST} says {entry['bytes']}: truncated or replaced; "
+                        f"{_fix(root, manifest)}")
+    if full and sha256_file(path) != entry["sha256"]:
+        raise UserError(f"{path}: SHA-256 checksum mismatch with {MANIFEST} (the file is corrupt); {_fix(root, manifest)}")
+
+
+def _open_h5(path: Path) -> h5py.File:
+    # locking=None leaves HDF5_USE_FILE_LOCKING (e.g. FALSE on Lustre/GPFS) in charge.
+    return h5py.File(path, "r", rdcc_nbytes=4 * CHUNK_BYTES)
+
+
+def _check_structure(root: Path, manifest: dict[str, Any], entry: dict[str, Any], f: h5py.File) -> None:
+    """What training relies on: the datasets exist with the manifest's count, shape and dtype."""
+    shape = (entry["count"], *manifest["sample_shape"])
+    problems = [k for k in ("x", "y", "sample_id") if k not in f]
+    if not problems:
+        if f["x"].shape != shape or f["x"].dtype.str != manifest["x_dtype"]:
+            problems.append(f"x is {f['x'].dtype.str}{f['x'].shape}, expected {manifest['x_dtype']}{shape}")
+        problems += [f"{k} has {len(f[k])} rows" for k in ("y", "sample_id") if len(f[k]) != entry["count"]]
+    if problems:
+        raise UserError(f"{root / entry['file']}: does not match {MANIFEST} ({'; '.join(problems)}); {_fix(root, manifest)}")
+
+
+class ShardedDataset:
+    """A split backed by shard files: labels and ids in memory, samples read on demand.
+
+    Files are opened lazily in the process that reads (after fork, per rank) and at most
+    `MAX_OPEN_FILES` stay open. `get` sorts the requested samples, groups them by shard and
+    chunk, and reads each group as one contiguous slice.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], starts: np.ndarray, positions: np.ndarray,
+                 labels: np.ndarray, sample_ids: np.ndarray):
+        self.root = root
+        self.manifest = manifest
+        self.sample_shape = tuple(manifest["sample_shape"])
+        self._entries = manifest["shards"]
+        self._starts = starts                        # global position of each shard's first sample
+        self._chunk_rows = np.array([e["chunk_rows"] for e in self._entries], dtype=np.int64)
+        self._positions = positions                  # this split's samples, as global positions
+        self._labels = labels
+        self._ids = sample_ids
+        self._files: OrderedDict[int, h5py.File] = OrderedDict()
+        self._checked: set[int] = set()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return self._ids
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__, _files=OrderedDict(), _pid=None)
+        return state
+
+    def _x(self, shard: int) -> h5py.Dataset:
+        if self._pid != os.getpid():                 # forked (e.g. a loader worker): never share handles
+            self._files, self._pid = OrderedDict(), os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            entry = self._entries[shard]
+            path = self.root / entry["file"]
+            _check_file(self.root, self.manifest, entry, full=False)
+            try:
+                f = _open_h5(path)
+            except OSError as exc:
+                raise UserError(f"{path} cannot be opened as HDF5 ({exc}); {_fix(self.root, self.manifest)}") from None
+            if shard not in self._checked:
+                _check_structure(self.root, self.manifest, entry, f)
+                self._checked.add(shard)
+            self._files[shard] = f
+            if len(self._files) > MAX_OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+        self._files.move_to_end(shard)
+        return f["x"]
+
+    def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        indices = np.asarray(indices, dtype=np.int64)
+        positions = self._positions[indices]
+        order = np.argsort(positions, kind="stable")
+        pos = positions[order]
+        shard = np.searchsorted(self._starts, pos, side="right") - 1
+        local = pos - self._starts[shard]
+        chunk = local // self._chunk_rows[shard]
+        cuts = np.flatnonzero((np.diff(shard) != 0) | (np.diff(chunk) != 0)) + 1
+        x = np.empty((len(pos), *self.sample_shape), dtype=np.float32)
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(pos)]):
+            if a == b:
+                continue
+            s, lo, hi = int(shard[a]), int(local[a]), int(local[b - 1]) + 1
+            try:
+                block = self._x(s)[lo:hi]
+            except OSError as exc:
+                raise UserError(f"{self.root / self._entries[s]['file']}: read failed ({exc}); the shard is corrupt — "
+                                f"run `hpctrain shard verify {self.root}`, then {_fix(self.root, self.manifest)}") from None
+            x[order[a:b]] = block[local[a:b] - lo]
+        return x, self._labels[indices]
+
+
+@dataclass
+class ShardDirectory:
+    """A verified-at-open shard directory: manifest, and labels/ids/split of every sample."""
+    root: Path
+    manifest: dict[str, Any]
+    labels: np.ndarray
+    sample_ids: np.ndarray
+    split: np.ndarray            # "train"/"val" per global position
+    starts: np.ndarray
+
+    def view(self, positions: np.ndarray) -> ShardedDataset:
+        return ShardedDataset(self.root, self.manifest, self.starts, positions,
+                              self.labels[positions], self.sample_ids[positions])
+
+
+def open_directory(root: str | Path) -> ShardDirectory:
+    """Read manifest and index, and check every shard's size (no shard is opened here)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    _check_file(root, manifest, manifest["index"], full=False)
+    for entry in manifest["shards"]:
+        _check_file(root, manifest, entry, full=False)
+    try:
+        with _open_h5(root / INDEX) as f:
+            labels, ids, counts = f["y"][:], f["sample_id"][:], f["shard_count"][:]
+    except (OSError, KeyError) as exc:
+        raise UserError(f"{root / INDEX} is unreadable ({exc}); {_fix(root, manifest)}") from None
+    entries = manifest["shards"]
+    if list(counts) != [e["count"] for e in entries] or len(labels) != sum(counts):
+        raise UserError(f"{root / INDEX} does not match {MANIFEST}; {_fix(root, manifest)}")
+    starts = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+    split = np.repeat(np.array([e["split"] for e in entries]), counts)
+    return ShardDirectory(root, manifest, labels, ids, split, starts)
+
+
+def load_shard_splits(path: Path, data_cfg, seed: int = 0) -> Splits:
+    """Train/val of a shard directory: its own val shards, else a seeded `data.val_fraction` holdout."""
+    d = open_directory(path)
+    train = np.flatnonzero(d.split == "train")
+    val = np.flatnonzero(d.split == "val")
+    if len(val) == 0:
+        keep, held = holdout_positions(len(train), data_cfg.val_fraction, seed)
+        train, val = train[keep], train[held]
+    return Splits(d.view(train), d.view(val), num_classes=int(d.manifest["num_classes"]),
+                  input_shape=tuple(d.manifest["sample_shape"]))
+
+
+def verify(root: str | Path, show_progress: bool = True) -> dict[str, Any]:
+    """Full check: every file's size and SHA-256, every shard's structure and its labels/ids vs the index."""
+    d = open_directory(root)
+    _check_file(d.root, d.manifest, d.manifest["index"], full=True)
+    for i, entry in enumerate(tqdm(d.manifest["shards"], desc="verify", unit="shard", disable=not show_progress)):
+        _check_file(d.root, d.manifest, entry, full=True)
+        path = d.root / entry["file"]
+        try:
+            with _open_h5(path) as f:
+                _check_structure(d.root, d.manifest, entry, f)
+                span = slice(d.starts[i], d.starts[i] + entry["count"])
+                if not (np.array_equal(f["y"][:], d.labels[span]) and np.array_equal(f["sample_id"][:], d.sample_ids[span])):
+                    raise UserError(f"{path}: labels/sample ids differ from {INDEX}; {_fix(d.root, d.manifest)}")
+        except OSError as exc:
+            raise UserError(f"{path} cannot be read as HDF5 ({exc}); {_fix(d.root, d.manifest)}") from None
+    return d.manifest
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def shard(src: str, out: str | Path, shard_size: int = 10000, compression: str = "none", overwrite: bool = False,
+          labels: str | None = None, num_samples: int = 10000, rank: int = 0, size: int = 1,
+          barrier: Callable[[], None] = lambda: None,
+          allgather: Callable[[Any], list[Any]] = lambda obj: [obj]) -> dict[str, Any] | None:
+    """Write SRC as a shard directory; with rank/size and the two collectives, ranks share the work.
+    Returns the manifest on rank 0."""
+    out = Path(out)
+    if compression not in COMPRESSIONS:
+        raise UserError(f"--compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
+    with open_source(src, labels, num_samples) as sources:
+        check_consistent_sources(sources, src)
+        if rank == 0:
+            prepare_out_dir(out, overwrite)
+        barrier()
+        mine = write_shards(sources, out, shard_size, compression, rank, size)
+        entries = [e for part in allgather(mine) for e in part]
+        if rank == 0:
+            return write_index_and_manifest(out, sources, entries, src, shard_size, compression)
+    return None
+
+
+def _cmd_write(args: argparse.Namespace) -> int:
+    from hpctrain import dist
+
+    if not args.input or not args.out:
+        raise UserError("hpctrain shard needs --input SRC and --out DIR (or `hpctrain shard verify DIR`)")
+    manifest = shard(args.input, args.out, args.shard_size, args.compression, args.overwrite, args.labels,
+                     args.num_samples, dist.rank(), dist.size(), dist.barrier,
+                     lambda obj: dist.allgather_object(obj, name="hpctrain.shard.entries"))
+    if manifest is not None:
+        counts = ", ".join(f"{n} {split}" for split, n in manifest["counts"].items())
+        print(f"wrote {len(manifest['shards'])} shards ({counts} samples) and {MANIFEST} to {args.out}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    manifest = verify(args.dir)
+    n = sum(e["count"] for e in manifest["shards"])
+    print(f"ok: {args.dir}: {len(manifest['shards'])} shards, {n} samples, all checksums match")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", help="SRC: .npz (x, y[, x_val, y_val]), x.npy (+ y.npy), HDF5 with x/y, "
+                                        "or a built-in dataset (mnist1d, digits)")
+    parser.add_argument("--labels", help="labels .npy for an x .npy input (default: the y*.npy sibling)")
+    parser.add_argument("--out", help="shard directory to create")
+    parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    parser.add_argument("--compression", choices=sorted(COMPRESSIONS), default="none")
+    parser.add_argument("--num-samples", type=int, default=10000, help="mnist1d only: samples to generate")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
+    parser.set_defaults(func=_cmd_write)
+    sub = parser.add_subparsers(dest="action", metavar="verify DIR")
+    check = sub.add_parser("verify", help="check every shard against the manifest (sizes, SHA-256, structure)")
+    check.add_argument("dir", help="shard directory")
+    check.set_defaults(func=_cmd_verify)

@@ -1,0 +1,8 @@
+"""The one exception type users see: a problem they can fix, told in one line."""
+
+
+class UserError(Exception):
+    """Bad input (config, data file, checkpoint, launch). The CLI prints it as one line.
+
+    The message names what is wrong and what to do about it; no traceback is shown.
+    """

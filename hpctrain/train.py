@@ -1,0 +1,333 @@
+"""`hpctrain train`: the loop that joins data, model, DistributedOptimizer, log and checkpoints.
+
+The path of a sample: dataset (built-in, HDF5 file or shards) → kept positions (importance
+filtering) → GlobalBatchSampler (this rank's slice of the global batch) → micro-batches on the
+device (gradient accumulation above `batch.max_local`) → loss → backward (the optimizer's hooks
+exchange gradients) → step → one row in the step log.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from hpctrain import __version__, checkpoint, dist
+from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats
+from hpctrain.compression import policy_from_config
+from hpctrain.config import Config, check_world_size, load_config
+from hpctrain.data import Dataset, filtering, load_splits
+from hpctrain.data.sampler import GlobalBatchSampler
+from hpctrain.errors import UserError
+from hpctrain.h5log import StepLog
+from hpctrain.models import build_model
+from hpctrain.optimizer import DistributedOptimizer
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run configuration (TOML); defaults apply where omitted")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (TOML syntax), e.g. --set train.lr=0.1")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT|latest|auto",
+                        help="continue from a checkpoint: a path, 'latest' in the run directory (the "
+                             "default when the flag is bare), or 'auto' (latest if any, else start fresh)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)      # every rank validates before any work starts
+    _apply_horovod_env(cfg)
+    dist.init()
+    check_world_size(cfg, dist.size())
+    Trainer(cfg).fit(resume=args.resume)
+    return 0
+
+
+def _apply_horovod_env(cfg: Config) -> None:
+    """Horovod reads its tuning knobs from the environment at init; a job script's exports win."""
+    hcfg = getattr(cfg, "horovod", None)
+    if hcfg is not None:
+        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(hcfg.fusion_threshold_mb * 1024 * 1024)))
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", str(hcfg.cycle_time_ms))
+
+
+def lr_at(cfg: Config, base_lr: float, progress: float) -> float:
+    """The scheduled LR at `progress` ∈ [0, 1] of training (by samples seen, so batch growth keeps it)."""
+    if cfg.train.lr_schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return base_lr
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in checkpoints."""
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    global_batch: int = 0
+    elapsed_s: float = 0.0
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world = dist.rank(), dist.size()
+        self.root = self.rank == 0
+        self.device = dist.pick_device(cfg.train.device)
+        seed_everything(cfg.run.seed)
+        self.splits = load_splits(cfg.data, cfg.run.seed)
+        self.model = build_model(cfg.model.name, self.splits.input_shape, self.splits.num_classes,
+                                 cfg.model.args).to(self.device)
+        base = self._base_optimizer()
+        self.optimizer = DistributedOptimizer(
+            base, named_parameters=self.model.named_parameters(),
+            compression=policy_from_config(cfg.compression),
+            backward_passes_per_step=cfg.train.backward_passes_per_step, fusion=cfg.train.fusion)
+        self.train_positions = filtering.training_positions(self.splits.train, cfg.data)
+        self.pruning = filtering.dynamic_pruning(self.splits.train, self.train_positions, cfg.data, cfg.run.seed)
+        self.loss_weights: np.ndarray | None = None     # per train position, set each epoch by dynamic pruning
+        self.sampler = GlobalBatchSampler(self.train_positions, cfg.run.seed, self.rank, self.world)
+        self.progress = Progress(global_batch=cfg.batch.initial)
+        self.batch = BatchOrchestrator(cfg.batch, cfg.train.lr, self.world, cfg.train.backward_passes_per_step)
+        self.optimizer.measure_grad_norms = self.batch.needs_grad_norms
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.log: StepLog | None = None
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = self.model.parameters()
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return OPTIMIZERS[t.optimizer](params, lr=t.lr, weight_decay=t.weight_decay)
+
+    # -- state -----------------------------------------------------------------------------
+    def _resume(self, path) -> None:
+        state = checkpoint.load(path) if self.root else None
+        state = dist.broadcast_object(state, name="resume")
+        if state["world_size"] != self.world and any(s["residual"] is not None
+                                                     for s in state["compression"][0].values()):
+            raise UserError(f"checkpoint {path} was written by {state['world_size']} ranks and holds per-rank "
+                            f"residual memories; resume with -np {state['world_size']}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_compression_state_dict(state["compression"][min(self.rank, len(state["compression"]) - 1)])
+        self.sampler.load_state_dict(state["sampler"])
+        self.batch.load_state_dict(state["batch"])
+        self.progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+
+    def _save(self) -> None:
+        compression = dist.allgather_object(self.optimizer.compression_state_dict(), name="ckpt.compression")
+        if not self.root:
+            return
+        checkpoint.save({
+            "hpctrain_version": __version__, "config": self.cfg.to_dict(), "world_size": self.world,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "compression": compression, "sampler": self.sampler.state_dict(),
+            "progress": vars(self.progress).copy(), "rng": rng_state(), "batch": self.batch.state_dict(),
+        }, self.cfg.run_dir, self.progress.step, self.cfg.checkpoint.keep)
+
+    def _open_log(self, resumed: bool) -> None:
+        if not self.root:
+            return
+        attrs = {"config": self.cfg.to_json(), "world_size": self.world, "hpctrain_version": __version__}
+        self.log = StepLog(self.cfg.run_dir / "log.h5", attrs, resume=resumed,
+                           truncate_after_step=self.progress.step if resumed else None)
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self, resume: str | None = None) -> None:
+        path = checkpoint.resolve_resume(resume, self.cfg.run_dir)
+        if path is not None:
+            self._resume(path)
+        else:
+            dist.broadcast_parameters(self.model.state_dict())
+            if self.root:       # a fresh run owns its directory: stale checkpoints would mislead --resume
+                for stale in checkpoint.list_checkpoints(self.cfg.run_dir):
+                    stale.unlink()
+        self._open_log(resumed=path is not None)
+        if self.root:
+            print(f"hpctrain {__version__}: {self.world} rank(s) on {self.device}, "
+                  f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, run dir {self.cfg.run_dir}")
+            if len(self.train_positions) < len(self.splits.train):
+                d = self.cfg.data
+                print(f"importance filtering: training on {len(self.train_positions)} of {len(self.splits.train)} "
+                      f"samples ({d.keep} {d.keep_fraction:g} by {d.score})")
+            print("compression policy:\n  " + "\n  ".join(self.optimizer.describe_policy()), flush=True)
+        every_epochs = self.cfg.checkpoint.every_epochs
+        try:
+            for epoch in range(self.progress.epoch, self.cfg.train.epochs):
+                self.progress.epoch = epoch
+                if self.pruning is not None:
+                    positions, self.loss_weights = self.pruning.epoch(epoch, self.cfg.train.epochs)
+                    self.sampler.set_positions(positions)
+                self.sampler.set_epoch(epoch)
+                if not self._train_epoch():       # max_steps reached inside the epoch
+                    self._evaluate()
+                    self._save()
+                    break
+                self.progress.epoch = epoch + 1
+                self.sampler.set_epoch(epoch + 1)
+                val_loss = self._evaluate()
+                self._apply_batch(self.batch.after_epoch(self.progress.step, epoch + 1, val_loss))
+                if (every_epochs and (epoch + 1) % every_epochs == 0) or self._done():
+                    self._save()
+                if self._done():
+                    break
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+    def _done(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.progress.step >= self.cfg.train.max_steps
+
+    def _train_epoch(self) -> bool:
+        """Run the epoch's remaining steps; False if max_steps stopped it early."""
+        p, cfg = self.progress, self.cfg
+        show = self.root and cfg.train.progress     # when shown, TQDM_DISABLE=1 still turns it off
+        bar = tqdm(total=self.sampler.steps_left(p.global_batch), desc=f"epoch {p.epoch}", leave=False,
+                   dynamic_ncols=True, **({} if show else {"disable": True}))
+        with bar:
+            while not self._done() and not self.sampler.exhausted():
+                local = self.sampler.next_batch(p.global_batch)
+                start = time.perf_counter()
+                loss = self._step(local)
+                stats = self.optimizer.new_step_stats()
+                p.step += 1
+                p.samples_seen += len(local) * self.world
+                step_time = time.perf_counter() - start
+                p.elapsed_s += step_time
+                self._log_step(loss, stats, step_time)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                bar.update()
+                decision = self.batch.after_step(p.step, p.epoch, BatchStats(
+                    loss, len(local), len(local) * self.world, stats.local_sqnorm, stats.global_sqnorm))
+                if decision is not None:
+                    self._apply_batch(decision)
+                    bar.total = bar.n + self.sampler.steps_left(p.global_batch)
+                if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
+                    self._save()
+        return self.sampler.exhausted()
+
+    def _step(self, local: np.ndarray) -> float:
+        """One optimizer step on this rank's positions; returns the loss averaged over ranks."""
+        self.model.train()
+        lr = lr_at(self.cfg, self.batch.lr_at(self.progress.step + 1),
+                   self.progress.samples_seen / (self.cfg.train.epochs * len(self.train_positions)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = self._micro_batches(local)
+        loss_sum = 0.0
+        for micro in micro_batches:
+            x, y = self._to_device(self.splits.train, micro)
+            loss = self._loss(self.model(x), y, micro)
+            value = float(loss.detach())
+            if self.cfg.train.abort_on_nan and not math.isfinite(value):
+                raise UserError(f"non-finite loss ({value}) at step {self.progress.step}, epoch {self.progress.epoch}; "
+                                "lower train.lr, check the data, or set train.abort_on_nan = false")
+            (loss * (len(micro) / len(local))).backward()
+            loss_sum += value * len(micro)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        (mean_loss,) = dist.allreduce_scalars([loss_sum / len(local)], name="loss")
+        return mean_loss
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """Mean cross-entropy; under dynamic pruning each sample's term carries its InfoBatch weight."""
+        if self.loss_weights is None:
+            return self.loss_fn(logits, y)
+        weights = torch.from_numpy(self.loss_weights[positions]).to(logits.device)
+        return (nn.functional.cross_entropy(logits, y, reduction="none") * weights).mean()
+
+    def _micro_batches(self, local: np.ndarray) -> list[np.ndarray]:
+        """Split this rank's batch for gradient accumulation (memory cap `batch.max_local`)."""
+        passes = min(self.batch.accumulation, len(local))
+        self.optimizer.backward_passes_per_step = passes
+        return np.array_split(local, passes)
+
+    def _apply_batch(self, decision: BatchDecision | None) -> None:
+        """Take rank 0's batch-size decision (the same on every rank) from the next step on."""
+        if decision is None:
+            return
+        self.progress.global_batch = decision.global_batch
+        if self.root:
+            self.log.append("events", decision.event_row())
+            tqdm.write(f"step {decision.step}: global batch {decision.old_batch} -> {decision.global_batch} "
+                       f"({decision.local_batch} x {decision.accumulation} per rank), lr {decision.old_lr:.4g} -> "
+                       f"{decision.lr:.4g}: {decision.reason}")
+
+    def _to_device(self, dataset: Dataset, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = dataset.get(positions)
+        return (torch.from_numpy(x).to(self.device, non_blocking=True),
+                torch.from_numpy(y).to(self.device, non_blocking=True))
+
+    def _log_step(self, loss: float, stats, step_time: float) -> None:
+        if self.log is None:
+            return
+        p = self.progress
+        self.log.append("steps", {
+            "step": p.step, "epoch": p.epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+            "global_batch": p.global_batch, "samples_seen": p.samples_seen, "step_time_s": step_time,
+            "comm_time_s": stats.comm_time_s, "wire_bytes": stats.wire_bytes, "dense_bytes": stats.dense_bytes})
+        every = self.cfg.log.layers_every
+        if every and (p.step % every == 0 or p.step == 1):
+            self.log.append_many("layers", [
+                {"step": p.step, "name": name, "compressor": self.optimizer.compressor_names[name],
+                 "wire_bytes": wire, "dense_bytes": dense, "ratio": dense / max(wire, 1)}
+                for name, (wire, dense) in stats.per_param.items()])
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        """Validation loss (returned) and accuracy over the whole held-out split, each rank a slice of it."""
+        self.optimizer.flush()
+        self.model.eval()
+        val = self.splits.val
+        mine = np.arange(self.rank, len(val), self.world)
+        loss_sum = correct = 0.0
+        for chunk in np.array_split(mine, max(1, -(-len(mine) // 1024))):
+            if len(chunk) == 0:
+                continue
+            x, y = self._to_device(val, chunk)
+            logits = self.model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += float((logits.argmax(1) == y).sum())
+        loss_sum, correct = dist.allreduce_scalars([loss_sum, correct], name="eval", average=False)
+        val_loss, val_acc = loss_sum / len(val), correct / len(val)
+        if self.root:
+            if self.log is not None:
+                self.log.append("evals", {"step": self.progress.step, "epoch": self.progress.epoch,
+                                          "val_loss": val_loss, "val_accuracy": val_acc,
+                                          "wall_time_s": self.progress.elapsed_s})
+            print(f"[epoch {self.progress.epoch}/{self.cfg.train.epochs}, step {self.progress.step}] val_loss {val_loss:.4f} "
+                  f"val_accuracy {val_acc:.4f}", flush=True)
+        return val_loss

@@ -1,0 +1,37 @@
+#!/bin/bash
+# hpctrain job for summit (LSF + jsrun), rendered by `hpctrain jobs render`.
+#
+# Layout: 1 node(s) x 6 resource sets = 6 ranks; one resource set
+# per GPU: 1 rank, 1 GPU and 7 cores (jsrun -a1 -g1 -c7, packed binding).
+#
+# Run directory: /gpfs/alpine/abc123/scratch/alice/runs/digits
+# It is named after the run, not the job: re-submitting this script (bsub < job.sh), or
+# LSF re-running the job after a failure or preemption (#BSUB -r keeps the job id),
+# resumes from the latest checkpoint there (`hpctrain train --resume=auto`). Each job's
+# output is job-<jobid>.out/.err there and jobs.txt lists every job that worked on the
+# run. Use another --name for a separate run.
+#BSUB -P abc123
+#BSUB -W 02:00
+#BSUB -nnodes 1
+#BSUB -q batch
+#BSUB -J digits
+#BSUB -o /gpfs/alpine/abc123/scratch/alice/runs/digits/job-%J.out
+#BSUB -e /gpfs/alpine/abc123/scratch/alice/runs/digits/job-%J.err
+#BSUB -r
+set -euo pipefail
+
+export HDF5_USE_FILE_LOCKING="FALSE"
+export HOROVOD_FUSION_THRESHOLD="67108864"
+export HOROVOD_CYCLE_TIME="1"
+export OMP_NUM_THREADS="7"
+
+RUN_DIR=/gpfs/alpine/abc123/scratch/alice/runs/digits
+mkdir -p "$RUN_DIR"
+echo "$LSB_JOBID $(date -u +%Y-%m-%dT%H:%M:%SZ) 6 ranks on 1 node(s)" >> "$RUN_DIR/jobs.txt"
+cd @REPO@
+
+jsrun -n 6 -a 1 -c 7 -g 1 -r 6 --bind packed:7 \
+    hpctrain train --config @REPO@/configs/digits.toml --resume=auto \
+    --set batch.initial=96 \
+    --set 'run.out_dir="/gpfs/alpine/abc123/scratch/alice/runs"' \
+    --set 'run.name="digits"'

@@ -1,0 +1,39 @@
+#!/bin/bash
+# hpctrain job for summit (LSF + jsrun), rendered by `hpctrain jobs render`.
+#
+# Layout: 4 node(s) x 3 resource sets = 12 ranks; one resource set
+# per GPU: 1 rank, 1 GPU and 14 cores (jsrun -a1 -g1 -c14, packed binding).
+#
+# Run directory: /gpfs/alpine/abc123/scratch/alice/runs/digits-small
+# It is named after the run, not the job: re-submitting this script (bsub < job.sh), or
+# LSF re-running the job after a failure or preemption (#BSUB -r keeps the job id),
+# resumes from the latest checkpoint there (`hpctrain train --resume=auto`). Each job's
+# output is job-<jobid>.out/.err there and jobs.txt lists every job that worked on the
+# run. Use another --name for a separate run.
+#BSUB -P abc123
+#BSUB -W 00:45
+#BSUB -nnodes 4
+#BSUB -q debug
+#BSUB -J digits-small
+#BSUB -o /gpfs/alpine/abc123/scratch/alice/runs/digits-small/job-%J.out
+#BSUB -e /gpfs/alpine/abc123/scratch/alice/runs/digits-small/job-%J.err
+#BSUB -r
+set -euo pipefail
+
+export HDF5_USE_FILE_LOCKING="FALSE"
+export HOROVOD_FUSION_THRESHOLD="16777216"
+export HOROVOD_CYCLE_TIME="2.5"
+export OMP_NUM_THREADS="14"
+
+RUN_DIR=/gpfs/alpine/abc123/scratch/alice/runs/digits-small
+mkdir -p "$RUN_DIR"
+echo "$LSB_JOBID $(date -u +%Y-%m-%dT%H:%M:%SZ) 12 ranks on 4 node(s)" >> "$RUN_DIR/jobs.txt"
+cd @REPO@
+
+jsrun -n 12 -a 1 -c 14 -g 1 -r 3 --bind packed:14 \
+    hpctrain train --config @REPO@/configs/digits.toml --resume=auto \
+    --set batch.initial=96 \
+    --set horovod.fusion_threshold_mb=16 \
+    --set horovod.cycle_time_ms=2.5 \
+    --set 'run.out_dir="/gpfs/alpine/abc123/scratch/alice/runs"' \
+    --set 'run.name="digits-small"'

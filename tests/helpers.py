@@ -1,0 +1,38 @@
+"""Launch real `hpctrain` processes from tests: one process, or a real `mpirun -np N`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+          "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
+
+
+def _env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: list[str], cwd: Path | str | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`hpctrain ARGS` as one plain process (no launcher)."""
+    proc = subprocess.run(HPCTRAIN + [str(a) for a in args], cwd=cwd or REPO, env=_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hpctrain {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_mpi(np: int, args: list[str], cwd: Path | str | None = None, timeout: float = 180,
+            env: dict[str, str] | None = None, check: bool = True, program: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`mpirun -np NP hpctrain ARGS` (or `program ARGS`), over TCP loopback so it runs anywhere."""
+    cmd = MPIRUN + ["-np", str(np)] + (program or HPCTRAIN) + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mpirun -np {np} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,283 @@
+"""Job templates: LSF rendering against golden files and jsrun arithmetic, Slurm layouts, bash -n
+and shellcheck on every site, one-line validation errors, and a real Slurm that runs the job.
+
+Regenerate the golden files after an intended template change with
+`HPCTRAIN_UPDATE_GOLDEN=1 pytest tests/test_jobs.py -k golden` and review the diff.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpctrain import jobs
+from hpctrain.errors import UserError
+from hpctrain.h5log import read_log
+from tests.helpers import REPO, run_cli
+from tests.slurm_cluster import SlurmCluster, install_packages
+
+GOLDEN = Path(__file__).parent / "golden"
+CONFIG = "configs/digits.toml"
+# Fixed paths so golden files do not depend on the machine; @REPO@ stands for the checkout.
+GPFS = "/gpfs/alpine/abc123/scratch/alice/runs"
+SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+
+
+def parse(*argv: str, action: str = "render") -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    jobs.add_arguments(parser)
+    return parser.parse_args([action, "--config", CONFIG, *argv])
+
+
+def plan(*argv: str) -> jobs.Job:
+    return jobs.plan_job(parse(*argv), REPO, ["hpctrain"])
+
+
+def render(*argv: str) -> str:
+    return jobs.render(plan(*argv))
+
+
+def jsrun_flags(script: str) -> dict[str, str]:
+    """The jsrun line's flags as {flag: value}."""
+    line = next(line for line in script.splitlines() if line.startswith("jsrun "))
+    words = shlex.split(line.rstrip("\\"))[1:]
+    return {words[i]: words[i + 1] for i in range(0, len(words), 2)}
+
+
+def directives(script: str, prefix: str) -> list[str]:
+    return [line[len(prefix):].strip() for line in script.splitlines() if line.startswith(prefix)]
+
+
+# --- LSF (Summit) -----------------------------------------------------------------------------
+
+GOLDEN_CASES = {
+    "lsf_summit_1node": ["--site", "summit", "--account", "abc123", "--out-dir", GPFS, "--set", "batch.initial=96"],
+    "lsf_summit_4nodes_3gpus": [
+        "--scheduler", "lsf", "--nodes", "4", "--gpus-per-node", "3", "--walltime", "0:45", "--account", "abc123",
+        "--queue", "debug", "--name", "digits-small", "--out-dir", GPFS, "--set", "batch.initial=96",
+        "--set", "horovod.fusion_threshold_mb=16", "--set", "horovod.cycle_time_ms=2.5"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_lsf_matches_golden(case):
+    text = render(*GOLDEN_CASES[case]).replace(str(REPO), "@REPO@")
+    golden = GOLDEN / f"{case}.sh"
+    if os.environ.get("HPCTRAIN_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+@pytest.mark.parametrize("nodes,gpus", [(1, 6), (2, 6), (16, 6), (4608, 6), (3, 3), (5, 1), (2, 4)])
+def test_jsrun_arithmetic(nodes, gpus):
+    ranks = nodes * gpus
+    script = render("--site", "summit", "--account", "abc123", "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+                    "--out-dir", GPFS, "--set", f"batch.initial={ranks * 8}")
+    flags = jsrun_flags(script)
+    cores = 42 // gpus
+    assert flags == {"-n": str(ranks), "-a": "1", "-c": str(cores), "-g": "1", "-r": str(gpus),
+                     "--bind": f"packed:{cores}"}
+    assert int(flags["-r"]) * int(flags["-c"]) <= 42 and int(flags["-r"]) * int(flags["-g"]) <= 6
+    assert f"-nnodes {nodes}" in directives(script, "#BSUB")
+    assert f'export OMP_NUM_THREADS="{cores}"' in script
+
+
+# --- Slurm (Frontier, Perlmutter) -----------------------------------------------------------------
+
+def test_frontier_one_rank_per_gcd_bound_closest():
+    script = render("--site", "frontier", "--account", "abc123", "--nodes", "2", "--out-dir", GPFS)
+    sbatch = directives(script, "#SBATCH")
+    for flag in ("-A abc123", "-N 2", "--ntasks-per-node=8", "-c 7", "--gpus-per-task=1", "--gpu-bind=closest",
+                 "-t 02:00:00", "-p batch", "--requeue"):
+        assert flag in sbatch
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert srun.startswith("srun -N 2 -n 16 --ntasks-per-node=8 -c 7 --cpu-bind=cores --gpus-per-task=1 --gpu-bind=closest")
+    assert 'export NCCL_SOCKET_IFNAME="hsn0"' in script
+
+
+def test_perlmutter_gpus_per_node_and_hardware_threads():
+    script = render("--site", "perlmutter", "--account", "m1234", "--nodes", "3", "--gpus-per-node", "2",
+                    "--walltime", "12:30", "--out-dir", GPFS, "--set", "batch.initial=96")
+    sbatch = directives(script, "#SBATCH")
+    for flag in ("-A m1234", "-N 3", "--ntasks-per-node=2", "-c 64", "--gpus-per-node=2", "-t 12:30:00",
+                 "-q regular", "-C gpu"):
+        assert flag in sbatch
+    assert not any(flag.startswith("-p ") for flag in sbatch)
+    assert 'export OMP_NUM_THREADS="32"' in script  # 64 hardware threads = 32 cores per rank
+
+
+def test_train_command_environment_and_run_dir():
+    job = plan("--site", "local", "--out-dir", "runs-x", "--name", "trial", "--set", "train.epochs=1",
+               "--set", "horovod.fusion_threshold_mb=32", "--set", "horovod.cycle_time_ms=0.5")
+    assert job.run_dir == REPO / "runs-x" / "trial"
+    assert job.env["HOROVOD_FUSION_THRESHOLD"] == str(32 * 1024 * 1024)
+    assert job.env["HOROVOD_CYCLE_TIME"] == "0.5" and job.env["HDF5_USE_FILE_LOCKING"] == "FALSE"
+    assert job.train_command == [
+        "hpctrain", "train", "--config", str(REPO / CONFIG), "--resume=auto", "--set", "train.epochs=1",
+        "--set", "horovod.fusion_threshold_mb=32", "--set", "horovod.cycle_time_ms=0.5",
+        "--set", f'run.out_dir="{REPO / "runs-x"}"', "--set", 'run.name="trial"']
+    script = jobs.render(job)
+    # The script's own shell must hand the same words to hpctrain.
+    launch = script[script.index("srun "):].replace("\\\n", " ")
+    assert shlex.split(launch)[-len(job.train_command):] == job.train_command
+    assert f"#SBATCH -o {job.run_dir}/job-%j.out" in script
+
+
+SITES = ["summit", "frontier", "perlmutter", "local"]
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_scripts_pass_bash_n_and_shellcheck(site, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text(render("--site", site, "--account", "abc123", "--nodes", "2", "--out-dir", str(tmp_path),
+                             "--set", "batch.initial=96"))
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    proc = subprocess.run([SHELLCHECK, "--severity=style", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_templates_and_site_file_overrides(tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(jobs.JOBS_DIR, templates, ignore=shutil.ignore_patterns("sites"))
+    slurm = templates / "slurm.sh.tmpl"
+    slurm.write_text(slurm.read_text().replace("set -euo pipefail", "set -euo pipefail\nmodule load mine"))
+    site = tmp_path / "mycluster.toml"
+    site.write_text('scheduler = "slurm"\ngpus_per_node = 2\ncpus_per_node = 16\nqueue = "gpu"\n'
+                    'setup = ["source /opt/env.sh"]\n[env]\nNCCL_DEBUG = "WARN"\n')
+    args = parse("--site-file", str(site), "--templates", str(templates))
+    text = jobs.render(jobs.plan_job(args, REPO, ["hpctrain"]), args.templates)
+    assert "module load mine" in text and "source /opt/env.sh" in text and 'export NCCL_DEBUG="WARN"' in text
+    assert "#SBATCH -p gpu" in text and "#SBATCH --gpus-per-node=2" in text and "#SBATCH -c 8" in text
+    assert "hpctrain job for mycluster" in text
+
+
+# --- validation: one clear line --------------------------------------------------------------------
+
+def write_site(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "site.toml"
+    path.write_text(body)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--site", "summit", "--account", "a", "--gpus-per-node", "8"], "--gpus-per-node 8 is more than a summit node has (6)"),
+    (["--site", "local", "--gpus-per-node", "1"], "site 'local' has no GPUs"),
+    (["--site", "local", "--ranks-per-node", "3"], "--ranks-per-node 3 is more than the 2 CPUs"),
+    (["--site", "summit", "--account", "a", "--ranks-per-node", "2"], "summit runs one rank per GPU"),
+    (["--site", "local", "--nodes", "0"], "at least one node"),
+    (["--site", "local", "--walltime", "2h"], "walltime '2h' is not HH:MM"),
+    (["--site", "local", "--walltime", "1:75"], "walltime '1:75' is not HH:MM"),
+    (["--site", "local", "--walltime", "0:00"], "more than zero"),
+    (["--site", "perlmutter"], "site 'perlmutter' charges every job to a project: pass --account"),
+    (["--site", "summit"], "pass --account PROJECT (lsf -P)"),
+    (["--site", "nosuch"], "unknown site 'nosuch'; choose one of frontier, local, perlmutter, summit"),
+    (["--scheduler", "pbs"], "unknown scheduler 'pbs'"),
+    (["--site", "summit", "--scheduler", "slurm"], "site 'summit' uses lsf, not slurm"),
+    ([], "no site given"),
+    (["--site", "local", "--name", "my run"], "--name 'my run' may not contain spaces"),
+    (["--site", "local", "--nodes", "3"], "batch.initial = 64 is not divisible by world size 6"),
+    (["--site", "local", "--set", "horovod.cycle_time_ms=0"], "horovod.cycle_time_ms = 0.0 positive"),
+    (["--site", "local", "--set", "horovod.fusion_mb=1"], "unknown key 'horovod.fusion_mb'"),
+    (["--site", "local", "--site-file", "x.toml"], "either --site or --site-file"),
+])
+def test_impossible_requests_fail_in_one_line(argv, message):
+    with pytest.raises(UserError) as info:
+        plan(*argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("body,message", [
+    ('scheduler = "pbs"\n', "scheduler = 'pbs' is not supported; use 'lsf' or 'slurm'"),
+    ('scheduler = "slurm"\ngpus_per_nod = 4\n', "unknown key 'gpus_per_nod'"),
+    ('scheduler = "slurm"\ngpu_request = "some"\n', "gpu_request = 'some' is not allowed"),
+    ('scheduler = "slurm"\nqueue = "two words"\n', "queue 'two words' may not contain spaces"),
+    ('scheduler = "slurm"\n[env]\nX = "a\\"b"\n', "env X = 'a\"b'"),
+    ('scheduler = "slurm\n', "is not valid TOML"),
+])
+def test_bad_site_files_fail_in_one_line(tmp_path, body, message):
+    with pytest.raises(UserError) as info:
+        plan("--site-file", write_site(tmp_path, body))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_parse_job_id_from_scheduler_output():
+    assert jobs.parse_job_id("lsf", "Job <123456> is submitted to queue <batch>.\n") == "123456"
+    assert jobs.parse_job_id("slurm", "4242\n") == "4242"
+    assert jobs.parse_job_id("slurm", "4242;perlmutter\n") == "4242"
+    assert jobs.parse_job_id("slurm", "sbatch: error: Batch job submission failed\n") is None
+
+
+def test_submit_without_sbatch_says_so_in_one_line(tmp_path):
+    proc = run_cli(["jobs", "submit", "--site", "local", "--config", CONFIG, "--out-dir", tmp_path],
+                   env={"PATH": str(tmp_path)}, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hpctrain: error: sbatch not found on PATH; submit from a slurm login node, "
+        "or run `hpctrain jobs render` there and submit the script yourself"]
+    assert not any(tmp_path.rglob("job.sh"))
+
+
+def test_missing_bsub_is_found_before_submitting(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(UserError, match="^bsub not found on PATH; submit from a lsf login node"):
+        jobs.submit_program("lsf")
+
+
+def test_render_cli_prints_script_and_makes_run_dir(tmp_path):
+    proc = run_cli(["jobs", "render", "--site", "local", "--config", CONFIG, "--out-dir", tmp_path, "--name", "r1"])
+    assert proc.stdout.startswith("#!/bin/bash\n") and f"#SBATCH -o {tmp_path}/r1/job-%j.out" in proc.stdout
+    assert (tmp_path / "r1").is_dir()
+
+
+# --- a real one-node Slurm -------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    why_not = install_packages()
+    if why_not:
+        pytest.skip(f"no Slurm: {why_not}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def submit_and_wait(slurm: SlurmCluster, out_dir: Path, max_steps: int, monkeypatch, capsys) -> str:
+    """`hpctrain jobs submit` in this process (saves a torch import), then wait for the job to end."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    args = parse("--site", "local", "--out-dir", str(out_dir), "--set", "train.epochs=1",
+                 "--set", f"train.max_steps={max_steps}", "--set", "train.progress=false", action="submit")
+    assert args.func(args) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"\d+", job_id), job_id
+    state = slurm.wait_job(job_id)
+    output = "".join(p.read_text() for p in sorted((out_dir / "digits").glob(f"job-{job_id}.*")))
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{output}"
+    return job_id
+
+
+@pytest.mark.mpi
+def test_slurm_job_trains_two_ranks_and_resumes_when_resubmitted(slurm, tmp_path, monkeypatch, capsys):
+    first = submit_and_wait(slurm, tmp_path, max_steps=3, monkeypatch=monkeypatch, capsys=capsys)
+    run_dir = tmp_path / "digits"
+    log = read_log(run_dir / "log.h5")
+    assert log["attrs"]["world_size"] == 2
+    assert list(log["steps"]["step"]) == [1, 2, 3]
+    assert "2 rank(s)" in (run_dir / f"job-{first}.out").read_text()
+
+    second = submit_and_wait(slurm, tmp_path, max_steps=5, monkeypatch=monkeypatch, capsys=capsys)
+    log = read_log(run_dir / "log.h5")
+    assert list(log["steps"]["step"]) == [1, 2, 3, 4, 5]
+    assert list(log["evals"]["step"]) == [3, 5]  # a fresh start would have rewritten the log
+    assert [line.split()[0] for line in (run_dir / "jobs.txt").read_text().splitlines()] == [first, second]
+    assert (run_dir / f"job-{second}.out").is_file()
