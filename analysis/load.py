@@ -1,14 +1,13 @@
 """A step log as pandas DataFrames, one per group (steps, evals, events, layers), plus its attrs.
 
-Reading goes through `hpctrain.h5log.read_log` (schema check, rows a writer is mid-way through
-appending are dropped); a read that races the writer's flush is retried here.
+Reading goes through `hpctrain.h5log.read_log` (schema check; SWMR read, so a log that is still
+being written reads consistently, rows a writer is mid-way through appending are dropped).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,25 +58,10 @@ class Log:
         return pd.Series(np.where(anchor >= 0, wall, train_time), index=self.steps.index)
 
 
-READ_ATTEMPTS = 8
-
-
-def _read_consistent(path: Path) -> dict[str, Any]:
-    """`read_log`, retried: a read that races the writer's flush sees a half-updated B-tree or heap."""
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            return read_log(path)
-        except OSError as exc:
-            error = exc
-            time.sleep(0.02 * 2 ** attempt)
-    raise UserError(f"log {str(path)!r} could not be read consistently in {READ_ATTEMPTS} tries while "
-                    f"it is being written ({error}); try again")
-
-
 def load_log(path: str | Path, name: str | None = None) -> Log:
     """Read one log; `name` defaults to the config's run name, else the log's directory name."""
     path = Path(path)
-    raw = _read_consistent(path)
+    raw = read_log(path)
     frames = {group: pd.DataFrame({c: raw.get(group, {}).get(c, []) for c in columns})
               for group, columns in GROUPS.items()}
     log = Log(path=path, name="", attrs=raw["attrs"], **frames)

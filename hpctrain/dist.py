@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+if TYPE_CHECKING:        # torch is imported lazily: `hpctrain jobs` must start fast
+    import torch
 
 _LAUNCHER_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
                        "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -31,6 +32,8 @@ def init() -> None:
     if _hvd is not None:
         return
     import horovod.torch as hvd
+
+    import torch
 
     hvd.init()
     _hvd = hvd
@@ -63,6 +66,8 @@ def is_root() -> bool:
 
 def pick_device(preference: str = "auto") -> torch.device:
     """cuda:<local_rank> when CUDA is available (or asked for), else cpu."""
+    import torch
+
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -107,9 +112,6 @@ def broadcast_parameters(params: Any, root: int = 0) -> None:
     hvd().broadcast_parameters(params, root_rank=root)
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root: int = 0) -> None:
-    hvd().broadcast_optimizer_state(optimizer, root_rank=root)
-
 
 def allreduce_async(tensor: torch.Tensor, name: str, average: bool = True) -> int:
     h = hvd()
@@ -132,6 +134,8 @@ def synchronize(handle: int) -> Any:
 
 def allreduce_scalars(values: Sequence[float], name: str, average: bool = True) -> list[float]:
     """Reduce a few Python floats across ranks (statistics, not gradients)."""
+    import torch
+
     h = hvd()
     out = h.allreduce(torch.tensor(values, dtype=torch.float64), name=name,
                       op=h.Average if average else h.Sum)

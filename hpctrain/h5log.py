@@ -16,6 +16,7 @@ the fixed-width string columns.)
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,37 +49,34 @@ GROUPS = {"steps": STEP_COLUMNS, "evals": EVAL_COLUMNS, "events": EVENT_COLUMNS,
 
 
 class StepLog:
-    """Append-only writer. Open with `resume=True` to continue a log after `--resume`."""
+    """Append-only writer. `resume=True` continues an existing log after `--resume`.
+
+    Resuming rewrites the log (temp file + rename) with the rows up to `resume_step` only:
+    rows a crashed run wrote after its last checkpoint would otherwise be logged twice, and a
+    killed SWMR writer leaves a consistency flag that only a fresh file clears.
+    """
 
     def __init__(self, path: str | Path, attrs: Mapping[str, Any] | None = None, resume: bool = False,
-                 truncate_after_step: int | None = None):
+                 resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.path.exists():
-            self._file = h5py.File(self.path, "a", libver="latest")
-            if truncate_after_step is not None:
-                self._truncate(truncate_after_step)
-        else:
-            self._file = h5py.File(self.path, "w", libver="latest")
-            self._file.attrs["schema_version"] = SCHEMA_VERSION
-            self._file.attrs["started_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        previous = read_log(self.path) if resume and self.path.exists() else None
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        with h5py.File(tmp, "w", libver="latest") as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["started_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+            for key, value in {**(previous or {}).get("attrs", {}), **(attrs or {})}.items():
+                f.attrs[key] = value
             for group, columns in GROUPS.items():
-                g = self._file.create_group(group)
+                rows = _rows_up_to(previous.get(group), resume_step) if previous else {}
+                g = f.create_group(group)
                 for column, dtype in columns.items():
-                    g.create_dataset(column, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1024,))
-        for key, value in (attrs or {}).items():
-            self._file.attrs[key] = value
+                    data = rows.get(column, np.empty(0))
+                    g.create_dataset(column, data=np.asarray(data, dtype=dtype), maxshape=(None,),
+                                     dtype=dtype, chunks=(1024,))
+        os.replace(tmp, self.path)
+        self._file = h5py.File(self.path, "a", libver="latest")
         self._file.swmr_mode = True      # from here on only appends: readers may follow along
-        self._file.flush()
-
-    def _truncate(self, last_step: int) -> None:
-        """Drop rows a crashed run logged after its last checkpoint, so a resume does not repeat them."""
-        for group in GROUPS:
-            g = self._file[group]
-            steps = g["step"][:]
-            keep = int(np.searchsorted(steps, last_step, side="right")) if group != "layers" else int((steps <= last_step).sum())
-            for column in g:
-                g[column].resize((keep,))
 
     def append(self, group: str, row: Mapping[str, Any]) -> None:
         """Append one row to `group`; every column of the group must be given. Flushed at once."""
@@ -135,6 +133,13 @@ def read_log(path: str | Path) -> dict[str, Any]:
             n = min((len(v) for v in columns.values()), default=0)  # a writer may be mid-append
             out[group] = {c: _decode(v[:n]) for c, v in columns.items()}
         return out
+
+
+def _rows_up_to(table: dict[str, np.ndarray] | None, last_step: int | None) -> dict[str, np.ndarray]:
+    if not table:
+        return {}
+    keep = slice(None) if last_step is None else table["step"] <= last_step
+    return {column: values[keep] for column, values in table.items()}
 
 
 def _plain(value: Any) -> Any:

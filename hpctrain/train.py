@@ -163,7 +163,7 @@ class Trainer:
             return
         attrs = {"config": self.cfg.to_json(), "world_size": self.world, "hpctrain_version": __version__}
         self.log = StepLog(self.cfg.run_dir / "log.h5", attrs, resume=resumed,
-                           truncate_after_step=self.progress.step if resumed else None)
+                           resume_step=self.progress.step if resumed else None)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> None:
