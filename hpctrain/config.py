@@ -89,13 +89,13 @@ class BatchConfig:
     # schedule policy: grow when these epochs begin, and after these optimizer steps.
     at_epochs: list[int] = field(default_factory=list)
     at_steps: list[int] = field(default_factory=list)
-    # plateau policy: grow after `patience` checks without improving by min_delta; val_loss is
-    # checked each epoch end, train_loss (mean over decide_every steps) every decide_every steps.
+    # plateau policy: grow after `patience` checks without improving by the fraction min_delta;
+    # val_loss is checked each epoch end, train_loss (mean over decide_every steps) every decide_every steps.
     plateau_metric: Literal["val_loss", "train_loss"] = "val_loss"
     patience: int = 2
     min_delta: float = 1e-3
     # gns policy: EMA factor of the noise-scale estimate and steps between decisions.
-    gns_ema: float = 0.95
+    gns_ema: float = 0.99
     decide_every: int = 20
 
 
@@ -277,8 +277,8 @@ def _validate_batch(batch: BatchConfig) -> None:
     for key in ("max_local", "warmup_steps"):
         if getattr(batch, key) < 0:
             raise UserError(f"config: batch.{key} = {getattr(batch, key)} must be 0 or positive")
-    if batch.min_delta < 0:
-        raise UserError(f"config: batch.min_delta = {batch.min_delta} must be 0 or positive")
+    if not 0 <= batch.min_delta < 1:
+        raise UserError(f"config: batch.min_delta = {batch.min_delta} must be in [0, 1) (a relative improvement)")
     if not 0 <= batch.gns_ema < 1:
         raise UserError(f"config: batch.gns_ema = {batch.gns_ema} must be in [0, 1)")
     if any(v <= 0 for v in batch.at_epochs + batch.at_steps):

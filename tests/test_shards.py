@@ -43,8 +43,9 @@ def read_all(dataset, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 def test_round_trip_npz_equals_source(npz, tmp_path, monkeypatch, compression):
     monkeypatch.setenv("HDF5_USE_FILE_LOCKING", "FALSE")     # as on Lustre/GPFS
     src, arrays = npz
-    manifest = shards.shard(str(src), tmp_path / "d", shard_size=64, compression=compression)
+    manifest = shards.shard(str(src), tmp_path / "d", shard_size=64, compression=compression, chunk_kib=1)
     assert [e["count"] for e in manifest["shards"]] == [64, 64, 64, 38, 40]
+    assert [e["chunk_rows"] for e in manifest["shards"]] == [17] * 5            # 1 KiB of 60-byte samples
     assert manifest["counts"] == {"train": 230, "val": 40} and manifest["sample_shape"] == [3, 5]
     splits = load_splits(DataConfig(name=str(tmp_path / "d")))
     for ds, x, y, first in ((splits.train, arrays["x"], arrays["y"], 0), (splits.val, arrays["x_val"], arrays["y_val"], 230)):
@@ -95,12 +96,14 @@ def test_each_rank_writes_only_its_shards(npz, tmp_path):
 
 def test_reader_is_lazy_bounded_and_picklable(npz, tmp_path, monkeypatch):
     src, arrays = npz
-    shards.shard(str(src), tmp_path / "d", shard_size=20)
+    shards.shard(str(src), tmp_path / "d", shard_size=20, chunk_kib=1)    # 17-row chunks
     monkeypatch.setattr(shards, "MAX_OPEN_FILES", 3)
+    monkeypatch.setattr(shards, "CACHE_BYTES", 3 * 17 * 60)
     train = load_splits(DataConfig(name=str(tmp_path / "d"))).train
     assert not train._files                                        # nothing opened before the first read
     assert np.array_equal(read_all(train)[0], arrays["x"])
-    assert 0 < len(train._files) <= 3
+    assert 0 < len(train._files) <= 3 and 0 < train._cached_bytes <= 3 * 17 * 60
+    assert sum(b.nbytes for b in train._cache.values()) == train._cached_bytes
     clone = pickle.loads(pickle.dumps(train))
     assert not clone._files and np.array_equal(clone.get(np.arange(5))[0], arrays["x"][:5])
 

@@ -332,7 +332,7 @@ def _default_out(data: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpctrain import checkpoint, dist
+    from hpctrain import __version__, checkpoint, dist
     from hpctrain.config import config_from_dict, load_config
     from hpctrain.data import load_splits
     from hpctrain.data.shards import manifest_hash
@@ -346,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
     dist.init()
     rank, size = dist.rank(), dist.size()
     device = dist.pick_device(cfg.train.device)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False   # rank-invariant on GPU too
     splits = load_splits(cfg.data, cfg.run.seed)
     train = splits.train
 
@@ -368,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     embedding = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
-    common = {"data": str(args.data), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+    common = {"data": str(args.data), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "hpctrain_version": __version__,
               "manifest_sha256": manifest_hash(Path(args.data)) if Path(args.data).is_dir() else ""}
     if trained is not None:
         common.update(model=trained.name, step=trained.step)

@@ -39,8 +39,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.h5"
 SPLITS = ("train", "val")
-CHUNK_BYTES = 256 * 1024           # uncompressed bytes per chunk: small enough for random access
+CHUNK_KIB = 64                     # default uncompressed KiB per chunk: small enough for random access
 MAX_OPEN_FILES = 16                # shard handles kept open per process
+CACHE_BYTES = 64 * 1024 * 1024     # decoded chunks kept per dataset per process
 COMPRESSIONS: dict[str, dict[str, Any]] = {
     "none": {}, "lzf": {"compression": "lzf"}, "gzip": {"compression": "gzip", "compression_opts": 4},
 }
@@ -78,14 +79,14 @@ def _checked(split: str, x: Any, y: Any, ids: np.ndarray, where: str) -> SourceS
     return SourceSplit(split, x, y, np.asarray(ids, dtype=np.int64))
 
 
-def _pair(arrays: Any, where: str, first_id: int = 0) -> list[SourceSplit]:
+def _pair(arrays: Any, where: str) -> list[SourceSplit]:
     """x/y (and optional x_val/y_val) from an npz or HDF5 file; val ids follow the train ids,
     as `hpctrain.data.builtin.load_hdf5_file` numbers them."""
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise UserError(f"{where}: lacks {missing}; it needs x [N, ...] and y [N] (optionally x_val, y_val)")
     n = len(arrays["y"])
-    out = [_checked("train", arrays["x"], arrays["y"][:], np.arange(first_id, first_id + n), where)]
+    out = [_checked("train", arrays["x"], arrays["y"][:], np.arange(n), where)]
     if "x_val" in arrays and "y_val" in arrays:
         m = len(arrays["y_val"])
         out.append(_checked("val", arrays["x_val"], arrays["y_val"][:], np.arange(n, n + m), where))
@@ -130,7 +131,6 @@ def open_source(src: str, labels: str | None = None, num_samples: int = 10000) -
             yield _pair(f, src)
 
 
-
 # -- writing ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -152,9 +152,9 @@ def plan_shards(sources: list[SourceSplit], shard_size: int) -> list[ShardPlan]:
     return plans
 
 
-def _chunk_rows(sample_shape: tuple[int, ...], dtype: np.dtype, count: int) -> int:
+def _chunk_rows(sample_shape: tuple[int, ...], dtype: np.dtype, count: int, chunk_kib: int) -> int:
     sample_bytes = max(1, int(np.prod(sample_shape, dtype=np.int64)) * dtype.itemsize)
-    return int(min(count, max(1, CHUNK_BYTES // sample_bytes)))
+    return int(min(count, max(1, chunk_kib * 1024 // sample_bytes)))
 
 
 def sha256_file(path: Path) -> str:
@@ -166,12 +166,12 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: str) -> dict[str, Any]:
+def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: str, chunk_kib: int) -> dict[str, Any]:
     """Write one shard (temp name, then rename) and return its manifest entry."""
     count = plan.stop - plan.start
     sample_shape = tuple(source.x.shape[1:])
     dtype = np.dtype(source.x.dtype)
-    rows = _chunk_rows(sample_shape, dtype, count)
+    rows = _chunk_rows(sample_shape, dtype, count, chunk_kib)
     path = out / shard_name(plan.index)
     tmp = _tmp_name(path)
     with h5py.File(tmp, "w") as f:
@@ -190,10 +190,10 @@ def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: st
 
 
 def write_shards(sources: list[SourceSplit], out: Path, shard_size: int, compression: str,
-                 rank: int = 0, size: int = 1) -> list[dict[str, Any]]:
+                 rank: int = 0, size: int = 1, chunk_kib: int = CHUNK_KIB) -> list[dict[str, Any]]:
     """Write this rank's shards (r, r+size, ...); returns their manifest entries."""
     plans = plan_shards(sources, shard_size)[rank::size]
-    return [write_shard(out, plan, sources[plan.source], compression)
+    return [write_shard(out, plan, sources[plan.source], compression, chunk_kib)
             for plan in tqdm(plans, desc="shards", unit="shard", disable=rank != 0)]
 
 
@@ -296,7 +296,7 @@ def _check_file(root: Path, manifest: dict[str, Any], entry: dict[str, Any], ful
 
 def _open_h5(path: Path) -> h5py.File:
     # locking=None leaves HDF5_USE_FILE_LOCKING (e.g. FALSE on Lustre/GPFS) in charge.
-    return h5py.File(path, "r", rdcc_nbytes=4 * CHUNK_BYTES)
+    return h5py.File(path, "r")
 
 
 def _check_structure(root: Path, manifest: dict[str, Any], entry: dict[str, Any], f: h5py.File) -> None:
@@ -316,7 +316,8 @@ class ShardedDataset:
 
     Files are opened lazily in the process that reads (after fork, per rank) and at most
     `MAX_OPEN_FILES` stay open. `get` sorts the requested samples, groups them by shard and
-    chunk, and reads each group as one contiguous slice.
+    HDF5 chunk, and reads each chunk whole, once: decoded chunks stay in an LRU cache of
+    `CACHE_BYTES`, so later batches touching the same chunk cost a memory copy.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], starts: np.ndarray, positions: np.ndarray,
@@ -330,7 +331,9 @@ class ShardedDataset:
         self._positions = positions                  # this split's samples, as global positions
         self._labels = labels
         self._ids = sample_ids
-        self._files: OrderedDict[int, h5py.File] = OrderedDict()
+        self._files: OrderedDict[int, h5py.Dataset] = OrderedDict()      # shard → its open `x`
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
         self._checked: set[int] = set()
         self._pid = os.getpid()
 
@@ -346,14 +349,13 @@ class ShardedDataset:
         return self._ids
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__, _files=OrderedDict(), _pid=None)
-        return state
+        return dict(self.__dict__, _files=OrderedDict(), _cache=OrderedDict(), _cached_bytes=0, _pid=None)
 
     def _x(self, shard: int) -> h5py.Dataset:
         if self._pid != os.getpid():                 # forked (e.g. a loader worker): never share handles
             self._files, self._pid = OrderedDict(), os.getpid()
-        f = self._files.get(shard)
-        if f is None:
+        x = self._files.get(shard)
+        if x is None:
             entry = self._entries[shard]
             path = self.root / entry["file"]
             _check_file(self.root, self.manifest, entry, full=False)
@@ -364,11 +366,30 @@ class ShardedDataset:
             if shard not in self._checked:
                 _check_structure(self.root, self.manifest, entry, f)
                 self._checked.add(shard)
-            self._files[shard] = f
+            self._files[shard] = x = f["x"]
             if len(self._files) > MAX_OPEN_FILES:
-                self._files.popitem(last=False)[1].close()
+                self._files.popitem(last=False)[1].file.close()
         self._files.move_to_end(shard)
-        return f["x"]
+        return x
+
+    def _chunk(self, shard: int, index: int) -> np.ndarray:
+        """Chunk `index` of a shard's `x`, decoded, from the LRU cache or the file."""
+        key = (shard, index)
+        block = self._cache.get(key)
+        if block is not None:
+            self._cache.move_to_end(key)
+            return block
+        rows = int(self._chunk_rows[shard])
+        try:
+            block = self._x(shard)[index * rows:(index + 1) * rows]
+        except OSError as exc:
+            raise UserError(f"{self.root / self._entries[shard]['file']}: read failed ({exc}); the shard is corrupt — "
+                            f"run `hpctrain shard verify {self.root}`, then {_fix(self.root, self.manifest)}") from None
+        self._cache[key] = block
+        self._cached_bytes += block.nbytes
+        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return block
 
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
@@ -383,13 +404,8 @@ class ShardedDataset:
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(pos)]):
             if a == b:
                 continue
-            s, lo, hi = int(shard[a]), int(local[a]), int(local[b - 1]) + 1
-            try:
-                block = self._x(s)[lo:hi]
-            except OSError as exc:
-                raise UserError(f"{self.root / self._entries[s]['file']}: read failed ({exc}); the shard is corrupt — "
-                                f"run `hpctrain shard verify {self.root}`, then {_fix(self.root, self.manifest)}") from None
-            x[order[a:b]] = block[local[a:b] - lo]
+            s, c = int(shard[a]), int(chunk[a])
+            x[order[a:b]] = self._chunk(s, c)[local[a:b] - c * self._chunk_rows[s]]
         return x, self._labels[indices]
 
 
@@ -461,7 +477,7 @@ def verify(root: str | Path, show_progress: bool = True) -> dict[str, Any]:
 # -- command line ----------------------------------------------------------------------------
 
 def shard(src: str, out: str | Path, shard_size: int = 10000, compression: str = "none", overwrite: bool = False,
-          labels: str | None = None, num_samples: int = 10000, rank: int = 0, size: int = 1,
+          labels: str | None = None, num_samples: int = 10000, chunk_kib: int = CHUNK_KIB, rank: int = 0, size: int = 1,
           barrier: Callable[[], None] = lambda: None,
           allgather: Callable[[Any], list[Any]] = lambda obj: [obj]) -> dict[str, Any] | None:
     """Write SRC as a shard directory; with rank/size and the two collectives, ranks share the work.
@@ -469,12 +485,14 @@ def shard(src: str, out: str | Path, shard_size: int = 10000, compression: str =
     out = Path(out)
     if compression not in COMPRESSIONS:
         raise UserError(f"--compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
+    if chunk_kib < 1:
+        raise UserError(f"--chunk-kib {chunk_kib} must be at least 1")
     with open_source(src, labels, num_samples) as sources:
         check_consistent_sources(sources, src)
         if rank == 0:
             prepare_out_dir(out, overwrite)
         barrier()
-        mine = write_shards(sources, out, shard_size, compression, rank, size)
+        mine = write_shards(sources, out, shard_size, compression, rank, size, chunk_kib)
         entries = [e for part in allgather(mine) for e in part]
         if rank == 0:
             return write_index_and_manifest(out, sources, entries, src, shard_size, compression)
@@ -487,7 +505,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
     if not args.input or not args.out:
         raise UserError("hpctrain shard needs --input SRC and --out DIR (or `hpctrain shard verify DIR`)")
     manifest = shard(args.input, args.out, args.shard_size, args.compression, args.overwrite, args.labels,
-                     args.num_samples, dist.rank(), dist.size(), dist.barrier,
+                     args.num_samples, args.chunk_kib, dist.rank(), dist.size(), dist.barrier,
                      lambda obj: dist.allgather_object(obj, name="hpctrain.shard.entries"))
     if manifest is not None:
         counts = ", ".join(f"{n} {split}" for split, n in manifest["counts"].items())
@@ -510,9 +528,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
     parser.add_argument("--compression", choices=sorted(COMPRESSIONS), default="none")
     parser.add_argument("--num-samples", type=int, default=10000, help="mnist1d only: samples to generate")
+    parser.add_argument("--chunk-kib", type=int, default=CHUNK_KIB,
+                        help=f"uncompressed KiB per HDF5 chunk, the unit of reading (default {CHUNK_KIB}); "
+                             "smaller suits random access to sets much larger than the read cache")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     parser.set_defaults(func=_cmd_write)
-    sub = parser.add_subparsers(dest="action", metavar="verify DIR")
+    sub = parser.add_subparsers(dest="action", metavar="[verify DIR]")
     check = sub.add_parser("verify", help="check every shard against the manifest (sizes, SHA-256, structure)")
     check.add_argument("dir", help="shard directory")
     check.set_defaults(func=_cmd_verify)
