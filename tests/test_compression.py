@@ -126,6 +126,17 @@ def test_compensate_never_writes_into_the_gradient():
         assert torch.equal(grad, kept)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.002, 0.05, 0.6])
+def test_indices_at_least_matches_nonzero(density):
+    """The word-at-a-time CPU path and its dense fallback, on a ragged [bins, length] view."""
+    gen = torch.Generator().manual_seed(1)
+    values = torch.rand(997, 13, generator=gen)
+    bound = torch.full((997, 1), 1 - density)
+    expected = (values >= bound).view(-1).nonzero().squeeze(1)
+    assert torch.equal(sparse.indices_at_least(values, bound), expected)
+    assert torch.equal(sparse.indices_at_least(values.view(-1), 1 - density), expected)
+
+
 # -- AdaComp --------------------------------------------------------------------------------
 def test_adacomp_selects_by_the_papers_rule():
     """Bins of 4: send where |G + grad| >= max |G| of the bin, G = residue + grad."""

@@ -20,8 +20,6 @@ from hpctrain.compression import sparse
 from hpctrain.compression.base import ParamState, compensate, like_grad
 from hpctrain.errors import UserError
 
-_TINY = torch.finfo(torch.float32).tiny   # a floor for the bin maximum: all-zero bins send nothing
-
 
 class AdaComp(sparse.SparseCompressor):
     """Self-tuning sparsification: per bin, send what reaches the bin's largest residue."""
@@ -41,13 +39,14 @@ class AdaComp(sparse.SparseCompressor):
         return self.conv_bin if len(shape) >= 3 else self.fc_bin
 
     def select(self, flat: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        length = self.bin_length(grad.shape)
-        nbins = math.ceil(flat.numel() / length)
-        bin_max = _bin_max_abs(flat, length).clamp_min_(_TINY).unsqueeze(1)
-        pushed = flat.new_zeros(nbins * length)          # H, zero-padded to whole bins
-        torch.add(flat, grad.detach().view(-1), out=pushed[:flat.numel()])
-        reaches = pushed.abs_().view(nbins, length) >= bin_max
-        return reaches.view(-1).nonzero().squeeze(1)
+        length, numel = self.bin_length(grad.shape), flat.numel()
+        scratch = flat.new_empty(math.ceil(numel / length) * length)   # whole bins, zero-padded
+        scratch[numel:] = 0
+        bins = scratch.view(-1, length)
+        torch.abs(flat, out=scratch[:numel])
+        bin_max = bins.amax(dim=1, keepdim=True).clamp_min_(sparse.THRESHOLD_FLOOR)   # max |G| per bin
+        torch.add(flat, grad.detach().view(-1), out=scratch[:numel])
+        return sparse.indices_at_least(bins.abs_(), bin_max)           # |H| >= max |G|
 
     def encode(self, grad: torch.Tensor, state: ParamState) -> tuple[list[torch.Tensor], Any]:
         if not self.quantize:
@@ -69,11 +68,3 @@ class AdaComp(sparse.SparseCompressor):
         values = signs * torch.repeat_interleave(scales, counts, output_size=indices.numel())
         return like_grad(sparse.scatter_mean(values, indices, counts.numel(), ctx.numel()), ctx)
 
-
-def _bin_max_abs(flat: torch.Tensor, length: int) -> torch.Tensor:
-    """max |x| of each consecutive bin of `length` entries (the last bin may be shorter)."""
-    whole = flat.numel() // length * length
-    maxima = torch.linalg.vector_norm(flat[:whole].view(-1, length), ord=math.inf, dim=1)
-    if whole < flat.numel():
-        maxima = torch.cat([maxima, flat[whole:].abs().amax().view(1)])
-    return maxima

@@ -89,7 +89,7 @@ class Compressor:
 
 
 def compensate(grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-    """Error feedback, step 1: add the gradient into the residual memory and return it (fp32).
+    """Error feedback: add the gradient into the residual memory and return it (fp32).
 
     Works in place on `state.residual` (created on the first step), so a codec allocates no
     gradient-sized buffer: it subtracts what it sends from the returned tensor, and what is
@@ -104,7 +104,7 @@ def compensate(grad: torch.Tensor, state: ParamState) -> torch.Tensor:
 
 
 def like_grad(dense: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """An fp32 result in the gradient's own shape and dtype (what `decode` must return)."""
+    """A flat result in the gradient's own shape and dtype (what `decode` must return)."""
     return dense.view(grad.shape).to(grad.dtype)
 
 
@@ -123,7 +123,9 @@ def simulate(compressor: Compressor, grads: Sequence[torch.Tensor], states: Sequ
             rounds.append(requests)
         kind = requests[0].kind
         columns = list(zip(*(r.payloads for r in requests)))
-        if kind == "allreduce":
+        if len(requests) == 1:                 # a world of one gets its own payloads back
+            received = list(requests[0].payloads)
+        elif kind == "allreduce":
             received = [torch.stack(col).mean(dim=0) for col in columns]
         else:
             received = [torch.cat(col, dim=0) for col in columns]

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from hpctrain.compression.base import Compressor, ParamState
+from hpctrain.compression.base import Compressor, ParamState, like_grad
 
 
 class NoCompression(Compressor):
@@ -26,8 +26,7 @@ class FP16(Compressor):
     name = "fp16"
 
     def encode(self, grad: torch.Tensor, state: ParamState) -> tuple[list[torch.Tensor], Any]:
-        return [grad.detach().reshape(-1).to(torch.float16)], (grad.shape, grad.dtype)
+        return [grad.detach().reshape(-1).to(torch.float16)], grad
 
     def decode(self, received: list[torch.Tensor], ctx: Any, state: ParamState) -> torch.Tensor:
-        shape, dtype = ctx
-        return received[0].to(dtype).view(shape)
+        return like_grad(received[0], ctx)

@@ -1,9 +1,10 @@
 """Sparse payloads shared by the allgather compressors (TopK, Threshold, AdaComp).
 
-One rank sends `values` (fp32), their flat `indices` (int32: half the bytes of int64) and a
-one-element `counts` tensor. After the allgather every payload is the concatenation over
-ranks, so `counts` has one entry per rank: its length is the world size and its entries say
-which gathered values came from which rank, without a host round-trip.
+One rank sends the chosen entries' `values` (fp32) and flat `indices` (int32: half the bytes
+of int64) — or, for sign-only values, 16-bit signed gap codes — plus a one-element `counts`
+tensor. After the allgather every payload is the concatenation over ranks, so `counts` has
+one entry per rank: its length is the world size and its entries say which gathered entries
+came from which rank, with no host round-trip.
 
 Decoding scatters the gathered values into a dense tensor with `index_put_(accumulate=True)`,
 which is deterministic on CUDA too (sorted, not atomics), so every rank computes the same
@@ -18,6 +19,7 @@ import torch
 from hpctrain.compression.base import Compressor, ParamState, compensate, like_grad
 
 INDEX_LIMIT = torch.iinfo(torch.int32).max   # int32 indices address at most this many elements
+THRESHOLD_FLOOR = torch.finfo(torch.float32).tiny   # selection bounds are floored here: exact zeros never go
 
 
 def fits_int32(shape: torch.Size) -> bool:
@@ -47,6 +49,28 @@ def scatter_mean(values: torch.Tensor, indices: torch.Tensor, world: int, numel:
     return dense.index_put_((indices.long(),), values / world, accumulate=True)
 
 
+def indices_at_least(values: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
+    """Flat indices (sorted, int64) of the entries with values >= bound (broadcast).
+
+    The hot path of the sparse codecs. On the CPU `nonzero` costs 1-3 ns per entry, but the
+    masks here are mostly sparse: it runs on the mask read as 8-byte words, and only the words
+    with a hit are split into bytes — 2-5× faster below ~2% density. Denser masks, and GPUs,
+    take plain `nonzero`.
+    """
+    numel = values.numel()
+    if values.device.type != "cpu":
+        return (values >= bound).view(-1).nonzero().squeeze(1)
+    mask = torch.empty(-(-numel // 8) * 8, dtype=torch.bool)
+    torch.ge(values, bound, out=mask[:numel].view(values.shape))
+    mask[numel:] = False
+    words = mask.view(torch.int64)
+    hit_words = words.nonzero().squeeze(1)
+    if 4 * hit_words.numel() > words.numel():
+        return mask.nonzero().squeeze(1)
+    word, byte = words[hit_words].view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+    return hit_words[word] * 8 + byte
+
+
 GAP_LIMIT = torch.iinfo(torch.int16).max   # longest gap one 16-bit code can jump
 
 
@@ -58,12 +82,15 @@ def encode_signed_gaps(indices: torch.Tensor, negative: torch.Tensor) -> torch.T
     GAP_LIMIT. Sent as uint8 pairs: every backend (MPI, NCCL, Gloo) can gather bytes.
     """
     gaps = torch.diff(indices, prepend=indices.new_full((1,), -1))
-    fillers = (gaps - 1) // GAP_LIMIT
-    gaps -= fillers * GAP_LIMIT
-    codes = torch.zeros(indices.numel() + int(fillers.sum()), dtype=torch.int16, device=indices.device)
-    slots = torch.arange(indices.numel(), device=indices.device) + fillers.cumsum(0)
-    codes[slots] = torch.where(negative, -gaps, gaps).to(torch.int16)
-    return codes.view(torch.uint8).view(-1, 2)
+    if indices.numel() and int(gaps.max()) > GAP_LIMIT:     # rare: bridge long gaps with 0 codes
+        fillers = (gaps - 1) // GAP_LIMIT
+        gaps -= fillers * GAP_LIMIT
+        slots = torch.arange(indices.numel(), device=indices.device) + fillers.cumsum(0)
+        codes = gaps.new_zeros(indices.numel() + int(fillers.sum()))
+        codes[slots] = torch.where(negative, -gaps, gaps)
+    else:
+        codes = torch.where(negative, -gaps, gaps)
+    return codes.to(torch.int16).view(torch.uint8).view(-1, 2)
 
 
 def decode_signed_gaps(gathered: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from hpctrain.compression import sparse
 from hpctrain.compression.base import ParamState
-from hpctrain.compression.sparse import SparseCompressor
 from hpctrain.errors import UserError
 
-_TINY = torch.finfo(torch.float32).tiny   # a threshold floor: exact zeros are never sent
 
-
-class Threshold(SparseCompressor):
+class Threshold(sparse.SparseCompressor):
     """Send entries with |gradient + residual| >= a threshold tuned to pass ≈ `density` of them."""
 
     name = "threshold"
@@ -44,8 +42,8 @@ class Threshold(SparseCompressor):
         magnitude = flat.abs()
         if self._needs_refresh(state, flat.numel()):
             kth_largest = magnitude.topk(self.target_count(flat.numel()), sorted=False).values.min()
-            state.extra["threshold"] = kth_largest.clamp_min(_TINY)
-        indices = (magnitude >= state.extra["threshold"]).nonzero().squeeze(1)
+            state.extra["threshold"] = kth_largest.clamp_min(sparse.THRESHOLD_FLOOR)
+        indices = sparse.indices_at_least(magnitude, state.extra["threshold"])
         state.extra["last_count"] = indices.numel()
         return indices
 
