@@ -42,7 +42,7 @@ def test_plateau_grows_after_patience_checks_without_improvement_then_restarts()
     assert policy.consult_at_epoch_end and not policy.needs_step_stats
     losses = [1.0, 0.8, 0.795, 0.81, 0.7, 0.71, 0.705, 0.69, 0.6]
     decisions = [policy.decide(obs(val_loss=v, epoch_end=True)) for v in losses]
-    # 0.795 is within min_delta of 0.8 (stale 1), 0.81 is worse (stale 2) → grow; counter restarts.
+    # 0.795 is not 1 % below 0.8 (stale 1), 0.81 is worse (stale 2) → grow; counter restarts.
     assert [d is not None for d in decisions] == [False, False, False, True, False, False, True, False, False]
     assert decisions[3].statistic == 0.81 and "val_loss" in decisions[3].reason
     assert policy.decide(obs(val_loss=None, epoch_end=True)) is None

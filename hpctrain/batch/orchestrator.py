@@ -94,7 +94,7 @@ class BatchOrchestrator:
 
     @property
     def needs_grad_norms(self) -> bool:
-        """Whether the optimizer must measure local/global gradient norms (costs two reductions)."""
+        """Whether the optimizer must measure local/global gradient squared norms (gns only)."""
         return self.cfg.policy == "gns"
 
     def lr_at(self, step: int) -> float:
@@ -108,6 +108,8 @@ class BatchOrchestrator:
     # -- collective entry points ---------------------------------------------------------
     def after_step(self, step: int, epochs_done: int, stats: BatchStats) -> BatchDecision | None:
         """Call on every rank after optimizer step `step`; returns the decision to apply, if any."""
+        if self.global_batch >= self.max_batch:      # fully grown: nothing left to decide or reduce
+            return None
         if self.policy.needs_step_stats:
             self._observe(stats)
         every = self.policy.consult_every_steps
@@ -121,7 +123,7 @@ class BatchOrchestrator:
 
     def after_epoch(self, step: int, epochs_done: int, val_loss: float | None) -> BatchDecision | None:
         """Call on every rank at each epoch end (after evaluation); rank 0's `val_loss` is used."""
-        if not self.policy.consult_at_epoch_end:
+        if not self.policy.consult_at_epoch_end or self.global_batch >= self.max_batch:
             return None
         return self._decide(Observation(step=step, epochs_done=epochs_done, global_batch=self.global_batch,
                                         epoch_end=True, val_loss=val_loss))
@@ -137,10 +139,11 @@ class BatchOrchestrator:
             self.estimator.update(grad_sqnorm, trace)
 
     def _decide(self, obs: Observation) -> BatchDecision | None:
+        """Rank 0 asks the policy; its answer (and the policy's state) reaches every rank."""
         decision, policy_state = None, None
         if dist.is_root():
             grow = self.policy.decide(obs)
-            if grow is not None and self.global_batch < self.max_batch:
+            if grow is not None:
                 decision = self.plan(obs.step, grow)
             policy_state = self.policy.state_dict()
         decision, policy_state = dist.broadcast_object((decision, policy_state), name="hpctrain.batch.decision")

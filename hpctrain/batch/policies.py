@@ -75,7 +75,7 @@ class SchedulePolicy(Policy):
 
 
 class PlateauPolicy(Policy):
-    """Grow when the monitored loss has not improved by `min_delta` for `patience` consultations.
+    """Grow when the monitored loss has not improved by the fraction `min_delta` for `patience` checks.
 
     `metric = "val_loss"` is checked at each epoch end; `"train_loss"` (the mean training loss
     over the last `every` steps, a smoothed loss) every `every` steps. After a growth the
@@ -98,14 +98,14 @@ class PlateauPolicy(Policy):
         value = getattr(obs, self.metric)
         if value is None:
             return None
-        if value < self.best - self.min_delta:
+        if self.best == math.inf or value < self.best - self.min_delta * abs(self.best):
             self.best, self.stale = value, 0
             return None
         self.stale += 1
         if self.stale < self.patience:
             return None
         self.stale = 0
-        return Grow(f"plateau: {self.metric} not below {self.best:.4g} - {self.min_delta:g} "
+        return Grow(f"plateau: {self.metric} not {self.min_delta:.1%} below its best {self.best:.4g} "
                     f"for {self.patience} checks", float(value))
 
     def state_dict(self) -> dict[str, Any]:
