@@ -18,7 +18,7 @@ demo: setup
 	$(HPC) report runs/mnist1d/log.h5 --out runs/mnist1d/report && \
 	echo "demo: $(NP) ranks trained in $$(( $$(date +%s) - start )) s" && \
 	echo "demo: step log  runs/mnist1d/log.h5  (read it with analysis.load or h5py)" && \
-	echo "demo: plots     runs/mnist1d/report/index.html"
+	echo "demo: plots     runs/mnist1d/report/report.html"
 
 test: setup
 	$(PY) -m pytest $(PYTEST)

@@ -51,13 +51,14 @@ GROUPS = {"steps": STEP_COLUMNS, "evals": EVAL_COLUMNS, "events": EVENT_COLUMNS,
 class StepLog:
     """Append-only writer. `resume=True` continues an existing log after `--resume`.
 
-    Resuming rewrites the log (temp file + rename) with the rows up to `resume_step` only:
-    rows a crashed run wrote after its last checkpoint would otherwise be logged twice, and a
-    killed SWMR writer leaves a consistency flag that only a fresh file clears.
+    Resuming rewrites the log (temp file + rename) keeping, per group, only the rows that
+    existed when the checkpoint was taken (`resume_rows`, from `row_counts()`): rows a crashed
+    run wrote after its last checkpoint would otherwise be logged twice, and a killed SWMR
+    writer leaves a consistency flag that only a fresh file clears.
     """
 
     def __init__(self, path: str | Path, attrs: Mapping[str, Any] | None = None, resume: bool = False,
-                 resume_step: int | None = None):
+                 resume_rows: Mapping[str, int] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         previous = read_log(self.path) if resume and self.path.exists() else None
@@ -68,7 +69,9 @@ class StepLog:
             for key, value in {**(previous or {}).get("attrs", {}), **(attrs or {})}.items():
                 f.attrs[key] = value
             for group, columns in GROUPS.items():
-                rows = _rows_up_to(previous.get(group), resume_step) if previous else {}
+                rows = previous.get(group, {}) if previous else {}
+                if resume_rows is not None:
+                    rows = {column: values[:resume_rows.get(group, 0)] for column, values in rows.items()}
                 g = f.create_group(group)
                 for column, dtype in columns.items():
                     data = rows.get(column, np.empty(0))
@@ -77,6 +80,10 @@ class StepLog:
         os.replace(tmp, self.path)
         self._file = h5py.File(self.path, "a", libver="latest")
         self._file.swmr_mode = True      # from here on only appends: readers may follow along
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per group so far; a checkpoint stores them so a resume can cut the log back."""
+        return {group: self._file[group]["step"].shape[0] for group in GROUPS}
 
     def append(self, group: str, row: Mapping[str, Any]) -> None:
         """Append one row to `group`; every column of the group must be given. Flushed at once."""
@@ -133,13 +140,6 @@ def read_log(path: str | Path) -> dict[str, Any]:
             n = min((len(v) for v in columns.values()), default=0)  # a writer may be mid-append
             out[group] = {c: _decode(v[:n]) for c, v in columns.items()}
         return out
-
-
-def _rows_up_to(table: dict[str, np.ndarray] | None, last_step: int | None) -> dict[str, np.ndarray]:
-    if not table:
-        return {}
-    keep = slice(None) if last_step is None else table["step"] <= last_step
-    return {column: values[keep] for column, values in table.items()}
 
 
 def _plain(value: Any) -> Any:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from hpctrain import __version__, checkpoint, dist
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats
-from hpctrain.compression import policy_from_config
+from hpctrain.compression import describe, policy_from_config
 from hpctrain.config import Config, check_world_size, load_config
 from hpctrain.data import Dataset, filtering, load_splits
 from hpctrain.data.sampler import GlobalBatchSampler
@@ -123,6 +123,7 @@ class Trainer:
         self.optimizer.measure_grad_norms = self.batch.needs_grad_norms
         self.loss_fn = nn.CrossEntropyLoss()
         self.log: StepLog | None = None
+        self.log_rows: dict[str, int] | None = None    # log length at the checkpoint resumed from
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -145,6 +146,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.batch.load_state_dict(state["batch"])
         self.progress = Progress(**state["progress"])
+        self.log_rows = state["log_rows"]
         set_rng_state(state["rng"])
 
     def _save(self) -> None:
@@ -156,6 +158,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "compression": compression, "sampler": self.sampler.state_dict(),
             "progress": vars(self.progress).copy(), "rng": rng_state(), "batch": self.batch.state_dict(),
+            "log_rows": self.log.row_counts() if self.log is not None else {},
         }, self.cfg.run_dir, self.progress.step, self.cfg.checkpoint.keep)
 
     def _open_log(self, resumed: bool) -> None:
@@ -163,7 +166,7 @@ class Trainer:
             return
         attrs = {"config": self.cfg.to_json(), "world_size": self.world, "hpctrain_version": __version__}
         self.log = StepLog(self.cfg.run_dir / "log.h5", attrs, resume=resumed,
-                           resume_step=self.progress.step if resumed else None)
+                           resume_rows=self.log_rows)
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> None:
@@ -183,7 +186,8 @@ class Trainer:
                 d = self.cfg.data
                 print(f"importance filtering: training on {len(self.train_positions)} of {len(self.splits.train)} "
                       f"samples ({d.keep} {d.keep_fraction:g} by {d.score})")
-            print("compression policy:\n  " + "\n  ".join(self.optimizer.describe_policy()), flush=True)
+            lines = describe(self.optimizer.policy, self.model.named_parameters())
+            print("compression policy:\n  " + "\n  ".join(lines), flush=True)
         every_epochs = self.cfg.checkpoint.every_epochs
         try:
             for epoch in range(self.progress.epoch, self.cfg.train.epochs):
