@@ -114,8 +114,9 @@ def broadcast_parameters(params: Any, root: int = 0) -> None:
 
 
 def allreduce_async(tensor: torch.Tensor, name: str, average: bool = True) -> int:
+    """The result comes from `synchronize`; `tensor` is left as it is (a compressor may reuse it)."""
     h = hvd()
-    return h.allreduce_async_(tensor, name=name, op=h.Average if average else h.Sum)
+    return h.allreduce_async(tensor, name=name, op=h.Average if average else h.Sum)
 
 
 def grouped_allreduce_async(tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> int:
@@ -130,6 +131,13 @@ def allgather_async(tensor: torch.Tensor, name: str) -> int:
 
 def synchronize(handle: int) -> Any:
     return hvd().synchronize(handle)
+
+
+def sendable(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an fp32 copy where Horovod cannot carry its dtype (0.28 has no bfloat16)."""
+    import torch
+
+    return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
 
 
 def allreduce_scalars(values: Sequence[float], name: str, average: bool = True) -> list[float]:

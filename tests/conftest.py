@@ -1,0 +1,8 @@
+"""Test-session settings: one torch thread per process (tests run many processes on few cores;
+more threads only spin-wait), no progress bars."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")

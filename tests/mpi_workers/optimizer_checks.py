@@ -1,0 +1,227 @@
+"""DistributedOptimizer checks on real ranks, launched by tests/test_optimizer_mpi.py under mpirun.
+
+    python optimizer_checks.py exchange   every compressor: what each rank gets, bytes, bypass,
+                                          unused parameters, accumulation, fp16/bf16
+    python optimizer_checks.py fusion     fused == unfused after 50 steps (SGD, Adam, AdamW; dense, topk)
+    python optimizer_checks.py nan        rank 1 makes one gradient NaN at step 3 (the job must abort)
+
+Every check runs on every rank; rank 0 prints one `ok ...` line per passed check. A failed check
+raises, and `run_guarded` takes the whole job down (no rank is left waiting in a collective).
+The reference for an exchange is `simulate` on the gradients and compressor states gathered from
+all ranks: what the mean of the per-rank decoded payloads should be.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hpctrain import dist
+from hpctrain.cli import run_guarded
+from hpctrain.compression import FP16, AdaComp, LowRank, NoCompression, Policy, Threshold, TopK, simulate
+from hpctrain.compression.base import Compressor
+from hpctrain.optimizer import DistributedOptimizer
+
+COMPRESSORS: dict[str, Callable[[], Compressor]] = {
+    "none": NoCompression, "fp16": FP16, "topk": lambda: TopK(0.05), "threshold": lambda: Threshold(density=0.05),
+    "adacomp": lambda: AdaComp(conv_bin=5, fc_bin=50), "lowrank": lambda: LowRank(rank=2)}
+FUSIONS = ("none", "backward", "forward")
+MIN_NUMEL = 300              # conv (144) and head (256) weights and every bias ride the bypass
+OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=2e-3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=2e-3, weight_decay=0.05)}
+
+
+class Net(nn.Module):
+    """Compressed and bypassed layers, a layer no rank uses, and one only rank 0 uses."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.conv = nn.Conv1d(2, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 8, 48)
+        self.fc2 = nn.Linear(48, 48)
+        self.rank0_only = nn.Linear(48, 48)
+        self.unused = nn.Linear(48, 48)
+        self.head = nn.Linear(48, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1)))
+        h = torch.relu(self.fc2(h))
+        if self.rank == 0:
+            h = h + torch.tanh(self.rank0_only(h))
+        return self.head(h)
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> Net:
+    torch.manual_seed(0)                   # the same weights on every rank
+    return Net(dist.rank()).to(dtype)
+
+
+def batch(step: int, dtype: torch.dtype = torch.float32, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's data for `step` (different on every rank, so averaging matters)."""
+    g = torch.Generator().manual_seed(1000 * dist.rank() + step)
+    return torch.randn(size, 2, 8, generator=g).to(dtype), torch.randint(0, 4, (size,), generator=g)
+
+
+def loss_of(model: Net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
+def ok(message: str) -> None:
+    if dist.rank() == 0:
+        print("ok", message, flush=True)
+
+
+# -- exchange: what every rank gets ---------------------------------------------------------
+def local_grads(model: Net, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """This rank's summed gradient over the micro-batches, zeros where a parameter got none
+    (computed with autograd.grad, which leaves .grad and the optimizer's hooks alone)."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x, y in micro_batches:
+        grads = torch.autograd.grad(loss_of(model, x, y), list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:
+                total[n] += g
+    return total
+
+
+def wire_bytes(payload: torch.Tensor) -> int:
+    """What a payload costs on the wire: its own size, but bf16 travels as fp32 (Horovod has no bf16)."""
+    return payload.numel() * (4 if payload.dtype == torch.bfloat16 else payload.element_size())
+
+
+def check_one_step(label: str, model: Net, opt, micro_batches, tolerance: float) -> None:
+    """One step of `opt` against the simulated exchange of all ranks' gradients and states."""
+    params = dict(model.named_parameters())
+    name_of = {p: n for n, p in params.items()}
+    compressor = {name_of[p]: c for p, c in opt._compressor.items()}
+    states_before = {name_of[p]: copy.deepcopy(s) for p, s in opt._states.items()}
+    all_grads = dist.allgather_object(local_grads(model, micro_batches), name=f"{label}.grads")
+    all_states = dist.allgather_object(states_before, name=f"{label}.states")
+    for x, y in micro_batches:
+        loss_of(model, x, y).backward()
+    opt.synchronize()
+    stats = opt.new_step_stats()
+    got = {n: p.grad.detach().clone() for n, p in params.items()}
+    everyone = dist.allgather_object(got, name=f"{label}.got")
+    me = dist.rank()
+    wire_total = 0
+    for name, mine in got.items():
+        for r, theirs in enumerate(everyone):
+            assert torch.equal(theirs[name], mine), f"{label}: {name} differs between rank {me} and rank {r}"
+        grads = [g[name] for g in all_grads]
+        if compressor[name] is None:
+            expected, wire = torch.stack([g.float() for g in grads]).mean(0).to(mine.dtype), wire_bytes(mine)
+        else:
+            states = [s[name] for s in all_states]
+            rounds: list = []
+            expected = simulate(compressor[name], grads, states, rounds)[me]
+            wire = sum(wire_bytes(t) for requests in rounds for t in requests[me].payloads)
+            residual = opt._states[params[name]].residual
+            if states[me].residual is not None:
+                assert residual is not None and torch.allclose(residual, states[me].residual, rtol=0, atol=tolerance), \
+                    f"{label}: {name} residual differs from the simulated one"
+        scale = max(float(expected.abs().max()), 1e-3)
+        error = float((mine.float() - expected.float()).abs().max()) / scale
+        assert error <= tolerance, f"{label}: {name} is {error:.3g} (relative) off the mean of the decoded payloads"
+        sent = stats.per_param[name][0]
+        assert sent == wire, f"{label}: {name} wire bytes {sent} != payload bytes {wire}"
+        wire_total += wire
+    assert stats.wire_bytes == wire_total, f"{label}: wire_bytes {stats.wire_bytes} != {wire_total}"
+    assert stats.dense_bytes == sum(p.numel() * 4 for p in model.parameters())
+    opt.step()              # nothing left to exchange: the wrapped optimizer's update only
+    opt.zero_grad()
+
+
+def exchange_checks() -> None:
+    for name, make in COMPRESSORS.items():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            model = make_model(dtype)
+            opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                       compression=Policy(default=make(), min_numel=MIN_NUMEL))
+            if dtype == torch.float32:
+                small = {n for n, p in model.named_parameters() if p.numel() < MIN_NUMEL}
+                assert small and {n for n, c in opt.compressor_names.items() if c == "dense"} >= small
+                assert opt.compressor_names["fc2.weight"] == make().name
+            tolerance = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+            steps = 2 if dtype == torch.float32 else 1
+            for step in range(steps):       # later steps start from residuals and warm starts
+                check_one_step(f"{name}/{dtype}/step{step}", model, opt, [batch(step, dtype)], tolerance)
+            opt.remove_hooks()
+            ok(f"exchange {name} {str(dtype).split('.')[1]}: identical on every rank, = mean of decoded payloads, "
+               f"wire bytes = payload bytes, bypass below min_numel, unused parameters exchanged as zeros")
+        model = make_model()
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                                   compression=Policy(default=make(), min_numel=MIN_NUMEL), backward_passes_per_step=2)
+        for step in range(2):
+            check_one_step(f"{name}/accumulate/step{step}", model, opt, [batch(2 * step), batch(2 * step + 1)], 1e-5)
+        opt.remove_hooks()
+        ok(f"exchange {name}: backward_passes_per_step=2 exchanges the sum of both passes")
+
+
+# -- fusion: fused == unfused ----------------------------------------------------------------
+def train(optimizer: str, compression: str | None, fusions: tuple[str, ...] = FUSIONS,
+          steps: int = 50) -> dict[str, dict[str, torch.Tensor]]:
+    """`steps` steps with an LR schedule, one model per fusion mode in lockstep (their collectives
+    share Horovod's cycles); returns each mode's final parameters, all pending updates applied."""
+    policy = Policy(default=COMPRESSORS[compression]() if compression else None, min_numel=MIN_NUMEL)
+    runs = []
+    for fusion in fusions:
+        model = make_model()
+        opt = DistributedOptimizer(OPTIMIZERS[optimizer](list(model.parameters())),   # names unique in flight
+                                   [(f"{fusion}.{n}", p) for n, p in model.named_parameters()],
+                                   compression=policy, fusion=fusion)
+        runs.append((fusion, model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)))
+    for step in range(steps):
+        x, y = batch(step)
+        for _, model, opt, schedule in runs:
+            loss_of(model, x, y).backward()
+            opt.step()
+            schedule.step()
+            opt.zero_grad()
+    final = {}
+    for fusion, model, opt, _ in runs:
+        opt.flush()
+        opt.remove_hooks()
+        final[fusion] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return final
+
+
+def fusion_checks() -> None:
+    for compression in (None, "topk"):
+        for optimizer in OPTIMIZERS:
+            final = train(optimizer, compression)
+            for fusion in ("backward", "forward"):
+                worst = max(float((final[fusion][n] - final["none"][n]).abs().max()) for n in final["none"])
+                assert worst <= 1e-6, f"fusion={fusion} {optimizer} {compression}: {worst:.3g} away from unfused"
+            everyone = dist.allgather_object(final["none"], name="fusion.params")
+            assert all(torch.equal(theirs[n], final["none"][n]) for theirs in everyone for n in final["none"])
+            ok(f"fusion {optimizer} compression={compression}: backward and forward == none after 50 steps")
+
+
+# -- nan: one rank's NaN gradient takes the job down -----------------------------------------
+def nan_check() -> None:
+    model = make_model()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                               compression=Policy(default=TopK(0.05), min_numel=MIN_NUMEL))
+    for step in range(5):
+        if step == 2 and dist.rank() == 1:
+            model.fc1.weight.register_hook(lambda g: g * float("nan"))
+        x, y = batch(step)
+        loss_of(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    raise AssertionError("the NaN gradient was not reported")
+
+
+CHECKS = {"exchange": exchange_checks, "fusion": fusion_checks, "nan": nan_check}
+
+if __name__ == "__main__":
+    dist.init()
+    sys.exit(run_guarded(CHECKS[sys.argv[1]]))
