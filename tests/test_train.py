@@ -57,7 +57,7 @@ def test_two_ranks_write_the_step_log_and_checkpoints(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.parametrize("compression", ["none", "topk"])
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, compression):
-    common = [f"compression.name={compression}", "compression.min_numel=256", "train.epochs=2",
+    common = [f"compression.name={compression}", "compression.min_numel=256", "train.epochs=1",
               "checkpoint.every_steps=5", "checkpoint.keep=10"]
     run_mpi(2, _train_args(tmp_path, "run.name=full", *common))
     run_mpi(2, _train_args(tmp_path, "run.name=cut", "train.max_steps=12", *common))
