@@ -137,25 +137,24 @@ def plot_bytes_per_layer(logs: Sequence[Log]) -> Figure:
     return fig
 
 
-def plot_comm_share(logs: Sequence[Log]) -> Figure:
+def _plot_rolling(logs: Sequence[Log], per_step: Callable[[Log], pd.Series], ylabel: str, title: str) -> Figure:
+    """One smoothed per-step quantity of every log against the step."""
     fig, (ax,) = _figure()
     for i, log in enumerate(logs):
-        share = log.steps["comm_time_s"] / log.steps["step_time_s"]
-        ax.plot(log.steps["step"], _smooth(share), color=_color(i), label=log.name)
-    ax.set(xlabel="step", ylabel="comm time / step time", ylim=(0, None),
-           title="share of step time spent communicating (rolling mean)")
+        ax.plot(log.steps["step"], _smooth(per_step(log)), color=_color(i), label=log.name)
+    ax.set(xlabel="step", ylabel=ylabel, ylim=(0, None), title=title)
     _legend(ax)
     return fig
+
+
+def plot_comm_share(logs: Sequence[Log]) -> Figure:
+    return _plot_rolling(logs, lambda log: log.steps["comm_time_s"] / log.steps["step_time_s"],
+                         "comm time / step time", "share of step time spent communicating (rolling mean)")
 
 
 def plot_throughput(logs: Sequence[Log]) -> Figure:
-    fig, (ax,) = _figure()
-    for i, log in enumerate(logs):
-        rate = log.steps["global_batch"] / log.steps["step_time_s"]
-        ax.plot(log.steps["step"], _smooth(rate), color=_color(i), label=log.name)
-    ax.set(xlabel="step", ylabel="samples / s", ylim=(0, None), title="throughput (rolling mean)")
-    _legend(ax)
-    return fig
+    return _plot_rolling(logs, lambda log: log.steps["global_batch"] / log.steps["step_time_s"],
+                         "samples / s", "throughput (rolling mean)")
 
 
 PLOTS: dict[str, tuple[str, Callable[[Sequence[Log]], Figure]]] = {
