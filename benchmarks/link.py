@@ -227,13 +227,13 @@ def verdict(results: list[Result]) -> list[str]:
     peer = ok.get(PEER_METHOD)
     matched = [r for r in ours if peer is None or r.final_accuracy >= peer.final_accuracy - 0.01]
     best = min(matched or ours, key=lambda r: r.step_s)
-    lines = [f"best hpctrain compressor: {best.method} ({'at matched accuracy' if matched else 'none matches the peer accuracy'})"]
+    lines = [f"- best hpctrain compressor: {best.method} ({'at matched accuracy' if matched else 'none matches the peer accuracy'})"]
     if "dense" in ok:
         ratio = ok["dense"].step_s / best.step_s
-        lines.append(f"  vs dense Horovod: {ratio:.2f}× faster per step (target ≥ 3×: {'met' if ratio >= 3 else 'MISSED'})")
+        lines.append(f"  - vs dense Horovod: {ratio:.2f}× faster per step (target ≥ 3×: {'met' if ratio >= 3 else 'MISSED'})")
     if peer is not None:
         ratio = peer.step_s / best.step_s
-        lines.append(f"  vs torch DDP + PowerSGD: {ratio:.2f}× faster per step, final val acc "
+        lines.append(f"  - vs torch DDP + PowerSGD: {ratio:.2f}× faster per step, final val acc "
                      f"{100 * best.final_accuracy:.1f}% vs {100 * peer.final_accuracy:.1f}% "
                      f"(target: faster at matched accuracy: {'met' if ratio > 1 and matched else 'MISSED'})")
     return lines

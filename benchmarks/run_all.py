@@ -46,8 +46,8 @@ def link_jobs(quick: bool) -> list[Job]:
     cnn = ["--rate", "1gbit", "--rate", "100mbit", "--model", "cnn1d", "--ranks", "4"]
     mlp = ["--rate", "none", "--rate", "1gbit", "--rate", "100mbit", "--model", "mlp", "--ranks", "4"]
     length = ["--steps", "6", "--evals", "2"] if quick else None
-    return [Job("link-cnn1d", ["benchmarks/link.py", *cnn, *(length or ["--steps", "40", "--evals", "4"])], markdown=True),
-            Job("link-mlp", ["benchmarks/link.py", *mlp, *(length or ["--steps", "30", "--evals", "3"])], markdown=True)]
+    return [Job("link-mlp", ["benchmarks/link.py", *mlp, *(length or ["--steps", "30", "--evals", "3"])], markdown=True),
+            Job("link-cnn1d", ["benchmarks/link.py", *cnn, *(length or ["--steps", "40", "--evals", "4"])], markdown=True)]
 
 
 def discovered_jobs() -> list[Job]:
