@@ -1,15 +1,19 @@
 """Adaptive batch growth on MNIST-1D with 4 ranks: fixed small, fixed large, and each policy.
 
 Every run trains the same model for the same number of epochs (same samples seen) from the
-same seed. The fixed runs use Adam with a cosine LR decay (the large batch at the sqrt-scaled
-LR). The adaptive runs start at global batch 32 with the small batch's LR held constant and
-let the growth itself anneal the gradient noise ("don't decay the learning rate, increase the
-batch size", Smith et al. 2018): `lr_scaling = "none"`, up to batch 512. Printed side by side:
-optimizer steps (= gradient allreduces), final batch, final validation accuracy, wall time,
-and the issue's target for the plateau and gns policies (≥ 1.5× fewer steps than fixed-32,
-validation accuracy within 0.5 pt of it, final batch ≥ 512).
+same seed, except `gns-2x-epochs`. The fixed runs use Adam with a cosine LR decay (the large
+batch at the sqrt-scaled LR). The schedule and plateau runs start at global batch 32 with the
+small batch's LR held constant and let the growth itself anneal the gradient noise ("don't
+decay the learning rate, increase the batch size", Smith et al. 2018): `lr_scaling = "none"`,
+up to batch 512. The gns runs grow for step efficiency instead (McCandlish et al. 2018), which
+assumes the LR follows the batch, so they scale it (`sqrt`, Adam's rule) and anneal it with the
+cosine decay of the fixed runs. `gns-2x-epochs` gets twice the samples: at B ≈ k·B_noise the
+theory prices fewer steps in extra samples. Printed side by side: optimizer steps (= gradient
+allreduces), final batch, final validation accuracy, wall time, and the issue's target for the
+plateau and gns policies (≥ 1.5× fewer steps than fixed-32, validation accuracy within 0.5 pt
+of it, final batch ≥ 512).
 
-    .venv/bin/python benchmarks/batch_growth.py [--np 4] [--epochs 10] [--only gns,fixed-32]
+    .venv/bin/python benchmarks/batch_growth.py [--np 4] [--epochs 10] [--gns-factor 1] [--only gns,fixed-32]
 """
 from __future__ import annotations
 
@@ -33,11 +37,13 @@ BASE = {"train.optimizer": '"adam"', "train.lr": BASE_LR, "checkpoint.every_epoc
 FIXED = {"train.lr_schedule": '"cosine"'}
 ADAPTIVE = {"train.lr_schedule": '"constant"', "batch.initial": SMALL, "batch.max": LARGE,
             "batch.lr_scaling": '"none"'}
-GNS = {**ADAPTIVE, "batch.policy": '"gns"', "batch.decide_every": 50, "batch.gns_ema": 0.99}
+GNS = {**ADAPTIVE, **FIXED, "batch.lr_scaling": '"sqrt"', "batch.policy": '"gns"', "batch.decide_every": 50,
+       "batch.gns_ema": 0.99}
 
 
-def runs(epochs: int) -> dict[str, dict[str, object]]:
+def runs(epochs: int, gns_factor: float) -> dict[str, dict[str, object]]:
     """Name → config overrides. `schedule` doubles the batch at 50/60/70/80 % of the epochs."""
+    gns = {**GNS, "batch.gns_factor": gns_factor}
     grow_at = sorted({max(1, round(epochs * f)) for f in (0.5, 0.6, 0.7, 0.8)})
     return {
         f"fixed-{SMALL}": {**FIXED, "batch.initial": SMALL},
@@ -45,9 +51,8 @@ def runs(epochs: int) -> dict[str, dict[str, object]]:
         "schedule": {**ADAPTIVE, "batch.policy": '"schedule"', "batch.at_epochs": grow_at},
         "plateau": {**ADAPTIVE, "batch.policy": '"plateau"', "batch.plateau_metric": '"val_loss"',
                     "batch.patience": 1, "batch.min_delta": 0.1},
-        "gns": GNS,
-        # McCandlish et al.: training at B ≈ B_noise trades samples for steps; give it twice the epochs.
-        "gns-2x-epochs": {**GNS, "train.epochs": 2 * epochs},
+        "gns": gns,
+        "gns-2x-epochs": {**gns, "train.epochs": 2 * epochs},
     }
 
 
@@ -86,10 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--np", type=int, default=4, help="ranks (default 4)")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--gns-factor", type=float, default=1.0,
+                        help="batch.gns_factor of the gns runs (default 1: the critical batch)")
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     args = parser.parse_args()
-    selected = runs(args.epochs)
+    selected = runs(args.epochs, args.gns_factor)
     if args.only:
         selected = {k: v for k, v in selected.items() if k in args.only.split(",")}
     results = {}
@@ -99,7 +106,8 @@ def main() -> None:
             results[name] = train(name, overrides, out_dir, args.np, args.epochs)
             print(f"{name}: {results[name]}", flush=True)
     print(f"\nMNIST-1D, {args.np} ranks, {args.epochs} epochs, Adam LR {BASE_LR} at batch {SMALL}: fixed runs "
-          f"cosine-decayed (sqrt-scaled at {LARGE}), adaptive runs constant LR with lr_scaling = none\n")
+          f"cosine-decayed (sqrt-scaled at {LARGE}), schedule/plateau constant LR with lr_scaling = none, "
+          f"gns cosine-decayed with lr_scaling = sqrt and gns_factor {args.gns_factor:g}\n")
     print(table(results))
 
 

@@ -94,8 +94,10 @@ class BatchConfig:
     plateau_metric: Literal["val_loss", "train_loss"] = "val_loss"
     patience: int = 2
     min_delta: float = 1e-3
-    # gns policy: EMA factor of the noise-scale estimate and steps between decisions.
+    # gns policy: EMA factor of the noise-scale estimate and steps between decisions; grow while
+    # gns_factor × B_noise > global batch (1: McCandlish's critical batch; larger: fewer steps, more samples).
     gns_ema: float = 0.99
+    gns_factor: float = 1.0
     decide_every: int = 20
 
 
@@ -281,6 +283,9 @@ def _validate_batch(batch: BatchConfig) -> None:
         raise UserError(f"config: batch.min_delta = {batch.min_delta} must be in [0, 1) (a relative improvement)")
     if not 0 <= batch.gns_ema < 1:
         raise UserError(f"config: batch.gns_ema = {batch.gns_ema} must be in [0, 1)")
+    if not 0 < batch.gns_factor < float("inf"):
+        raise UserError(f"config: batch.gns_factor = {batch.gns_factor} must be a positive number "
+                        "(the gns policy grows while gns_factor × noise scale > batch)")
     if any(v <= 0 for v in batch.at_epochs + batch.at_steps):
         raise UserError("config: batch.at_epochs and batch.at_steps must hold positive numbers "
                         "(epoch e: grow when epoch e begins, after e epochs; step s: after step s)")

@@ -58,12 +58,21 @@ def test_plateau_on_train_loss_is_consulted_every_n_steps_and_checkpoints_its_st
 
 
 def test_gns_policy_grows_while_the_noise_scale_exceeds_the_batch():
-    policy = NoiseScalePolicy(every=10)
+    policy = NoiseScalePolicy(every=10, factor=1.0)
     assert policy.consult_every_steps == 10 and policy.needs_step_stats
     assert policy.decide(obs(batch=64, noise_scale=100.0)).statistic == 100.0
     assert policy.decide(obs(batch=128, noise_scale=100.0)) is None
     assert policy.decide(obs(batch=64, noise_scale=None)) is None
     assert policy.decide(obs(batch=64, noise_scale=math.inf)) is not None
+
+
+def test_gns_factor_scales_the_batch_the_noise_scale_allows():
+    """factor k: grow while k × B_noise > batch, so the batch ends near k × B_noise."""
+    policy = build_policy(BatchConfig(policy="gns", max=512, gns_factor=4.0))
+    grow = policy.decide(obs(batch=256, noise_scale=100.0))
+    assert grow.statistic == 100.0 and grow.reason == "gns: 4 x noise scale 100 > batch 256"
+    assert policy.decide(obs(batch=512, noise_scale=100.0)) is None
+    assert NoiseScalePolicy(every=10, factor=0.5).decide(obs(batch=64, noise_scale=100.0)) is None
 
 
 # -- gradient noise scale ----------------------------------------------------------------------
@@ -165,6 +174,8 @@ def test_orchestrator_state_round_trips():
     ({"policy": "schedule", "max": 512}, "needs batch.at_epochs or batch.at_steps"),
     ({"policy": "plateau", "max": 512, "growth_factor": 1}, "growth_factor = 1 must be at least 2"),
     ({"gns_ema": 1.0}, "gns_ema = 1.0 must be in [0, 1)"),
+    ({"gns_factor": 0.0}, "gns_factor = 0.0 must be a positive number"),
+    ({"gns_factor": math.inf}, "gns_factor = inf must be a positive number"),
     ({"at_steps": [0]}, "must hold positive numbers"),
     ({"max_local": -1}, "max_local = -1 must be 0 or positive"),
     ({"plateau_metric": "acc"}, "choose one of 'val_loss', 'train_loss'"),

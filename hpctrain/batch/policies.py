@@ -116,22 +116,26 @@ class PlateauPolicy(Policy):
 
 
 class NoiseScalePolicy(Policy):
-    """Grow when the smoothed gradient noise scale B_noise exceeds the current global batch.
+    """Grow while `factor` × the smoothed gradient noise scale B_noise exceeds the global batch.
 
-    McCandlish et al. (2018): below B_noise a larger batch buys almost proportionally fewer
-    steps; the critical batch grows as training proceeds, and so does ours.
+    McCandlish et al. (2018): to reach a loss, a batch B takes S = S_min (1 + B_noise/B) steps and
+    E = E_min (1 + B/B_noise) samples, so B = B_noise (factor 1, the critical batch) costs twice
+    the minimum of each; B = k B_noise costs (1 + 1/k) S_min steps and (1 + k) E_min samples —
+    `factor` is that steps-for-samples trade. B_noise grows as the loss falls, and so does the batch.
     """
 
     needs_step_stats = True
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, factor: float):
         self.consult_every_steps = every
+        self.factor = factor
 
     def decide(self, obs: Observation) -> Grow | None:
         if obs.noise_scale is None or obs.epoch_end:
             return None
-        if obs.noise_scale > obs.global_batch:
-            return Grow(f"gns: noise scale {obs.noise_scale:.4g} > batch {obs.global_batch}", obs.noise_scale)
+        if self.factor * obs.noise_scale > obs.global_batch:
+            return Grow(f"gns: {self.factor:g} x noise scale {obs.noise_scale:.4g} > batch {obs.global_batch}",
+                        obs.noise_scale)
         return None
 
 
@@ -146,5 +150,5 @@ def build_policy(batch_cfg: Any) -> Policy:
         return PlateauPolicy(batch_cfg.plateau_metric, batch_cfg.patience, batch_cfg.min_delta,
                              batch_cfg.decide_every)
     if name == "gns":
-        return NoiseScalePolicy(batch_cfg.decide_every)
+        return NoiseScalePolicy(batch_cfg.decide_every, batch_cfg.gns_factor)
     raise ValueError(f"unknown batch policy {name!r}")
