@@ -244,7 +244,7 @@ def _validate(cfg: Config) -> None:
         "compression.adacomp.conv_bin": cfg.compression.adacomp.conv_bin,
         "compression.adacomp.fc_bin": cfg.compression.adacomp.fc_bin,
         "compression.threshold.refresh_every": cfg.compression.threshold.refresh_every,
-        "batch.growth_factor": cfg.batch.growth_factor,
+        "batch.growth_factor": cfg.batch.growth_factor, "data.num_samples": cfg.data.num_samples,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -92,6 +92,9 @@ def test_scores_file_merges_methods_and_replaces_other_samples(tmp_path, capsys)
     (["--method", "forgetting", "--checkpoint", "c.pt"], "forgetting records its own short training run"),
     (["--method", "el2n", "--extractor", "e.pt"], "--extractor is the embedding for --method feature-density"),
     (["--method", "el2n", "--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--method", "el2n", "--seeds", "0"], "--seeds 0 must be at least 1"),
+    (["--method", "el2n", "--seeds", "3", "--checkpoint", "c.pt"], "--checkpoint is one model"),
+    (["--method", "feature-density", "--extractor", "e.pt", "--seeds", "2"], "trains none; drop --seeds"),
 ])
 def test_bad_argument_combinations(argv, message):
     parser = argparse.ArgumentParser()
@@ -115,6 +118,21 @@ def test_scores_are_identical_on_one_and_four_ranks(digits_dir):
         assert one.attrs[method]["manifest_sha256"] == shards.manifest_hash(digits_dir)
     assert np.array_equal(one.embedding, four.embedding) and one.embedding.shape == (len(train), 32)
     assert one.scores["el2n"].std() > 0 and one.scores["forgetting"].max() >= 1    # not a constant
+
+
+def test_seeds_average_the_scores_of_independent_short_runs(digits_dir, tmp_path):
+    args = ["score", "--data", digits_dir, "--method", "el2n,forgetting", "--epochs", "1"] + SMALL_MLP
+    for seed in (3, 4):
+        run_cli(args + ["--set", f"run.seed={seed}", "--out", tmp_path / f"s{seed}.h5"])
+    proc = run_cli(args + ["--set", "run.seed=3", "--seeds", "2", "--out", tmp_path / "mean.h5"])
+    single = [scoring.read_scores(tmp_path / f"s{seed}.h5") for seed in (3, 4)]
+    mean = scoring.read_scores(tmp_path / "mean.h5")
+    assert "(mean of 2 runs)" in proc.stdout
+    for method in ("el2n", "forgetting"):
+        assert not np.array_equal(single[0].scores[method], single[1].scores[method])    # the seeds differ
+        assert np.allclose(mean.scores[method], (single[0].scores[method] + single[1].scores[method]) / 2)
+        assert mean.attrs[method]["seeds"].tolist() == [3, 4] and single[0].attrs[method]["seeds"].tolist() == [3]
+    assert np.array_equal(mean.embedding, single[0].embedding)                  # the first run's
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

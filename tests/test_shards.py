@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpctrain.config import DataConfig
+from hpctrain.config import DataConfig, config_from_dict
 from hpctrain.data import load_splits, shards
 from hpctrain.errors import UserError
 from tests.helpers import run_cli, run_mpi
@@ -64,6 +64,14 @@ def test_round_trip_builtin_keeps_its_split_and_ids(tmp_path):
     for a, b in ((got.train, ref.train), (got.val, ref.val)):
         assert np.array_equal(read_all(a)[0], b.get(np.arange(len(b)))[0])
         assert np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.labels, b.labels)
+
+
+def test_mnist1d_size_is_configurable_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPCTRAIN_CACHE", str(tmp_path))
+    splits = load_splits(DataConfig(name="mnist1d", num_samples=500))
+    assert (len(splits.train), len(splits.val)) == (400, 100)          # the mnist1d recipe's 80/20 split
+    with pytest.raises(UserError, match=r"^config: data.num_samples = 0 must be positive$"):
+        config_from_dict({"data": {"num_samples": 0}})
 
 
 def test_npy_pair_and_hdf5_sources_and_load_time_holdout(tmp_path):

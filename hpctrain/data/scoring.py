@@ -14,16 +14,19 @@ the high end:
                     module:factory + state dict, or by default the trained model's `embed()`)
 
 The model is a checkpoint (`--checkpoint`) or, without one, a short pre-training run from the
-run config. Scores do not depend on the number of ranks: samples are cut into fixed blocks
-whose contents never change with the world size, ranks take contiguous runs of blocks, and
-results are gathered in block order. The short run stays rank-invariant the same way: each
+run config; `--seeds N` averages every method's scores over N such runs, each initialised and
+shuffled by its own seed (run.seed, run.seed + 1, …), as Paul et al. do for EL2N. Scores do not
+depend on the number of ranks: samples are cut into fixed blocks whose contents never change
+with the world size, ranks take contiguous runs of blocks, and results are gathered in block
+order. The short run stays rank-invariant the same way: each
 rank computes the gradients of its fixed blocks, all block gradients are gathered and summed
 in block order, so every world size takes exactly the same optimizer steps.
 
 scores.h5 layout (schema `SCHEMA_VERSION`), rows in ascending sample_id order:
   /sample_id int64 [N], /label int64 [N]
   /scores/<method> float64 [N]  attrs: method, model, step, date, data, manifest_sha256, ...
-  /embedding float32 [N, D]     (when the last method computed one)  attrs: method, model
+                                (short runs: short_run_epochs, seeds averaged over)
+  /embedding float32 [N, D]     (when a method computed one; the first run's)  attrs: model
 """
 from __future__ import annotations
 
@@ -171,13 +174,14 @@ def to_device(dataset, positions: np.ndarray, device: torch.device) -> tuple[tor
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
-def short_run(cfg, splits, device: torch.device, epochs: int, rank: int, size: int) -> Trained:
-    """Train from scratch for `epochs` on the train split, taking the same steps for any world size,
-    and record whether each sample was classified correctly when it was trained on."""
+def short_run(cfg, splits, device: torch.device, epochs: int, seed: int, rank: int, size: int) -> Trained:
+    """Train from scratch (initialised and shuffled by `seed`) for `epochs` on the train split, taking
+    the same steps for any world size, and record whether each sample was classified correctly when
+    it was trained on."""
     from hpctrain import dist
     from hpctrain.models import build_model
 
-    torch.manual_seed(cfg.run.seed)
+    torch.manual_seed(seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model.args).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
@@ -189,7 +193,7 @@ def short_run(cfg, splits, device: torch.device, epochs: int, rank: int, size: i
     steps = 0
     with tqdm(total=epochs * -(-n // batch), desc="short run", unit="step", disable=rank != 0) as bar:
         for epoch in range(epochs):
-            order = np.random.default_rng((cfg.run.seed, epoch)).permutation(n)
+            order = np.random.default_rng((seed, epoch)).permutation(n)
             for start in range(0, n, batch):
                 members = order[start:start + batch]
                 model.train()
@@ -323,12 +327,50 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UserError("--extractor-state needs --extractor module:factory")
     if args.epochs < 1:
         raise UserError(f"--epochs {args.epochs} must be at least 1")
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds} must be at least 1")
+    if args.seeds > 1 and args.checkpoint:
+        raise UserError(f"--seeds {args.seeds} averages short pre-training runs; a --checkpoint is one model, "
+                        f"drop one of them")
+    if args.seeds > 1 and not needs_model(args):
+        raise UserError(f"--seeds {args.seeds} averages short pre-training runs, but feature-density with "
+                        f"--extractor trains none; drop --seeds")
 
 
 def _default_out(data: str) -> Path:
     if not Path(data).is_dir():
         raise UserError(f"--data {data} is not a shard directory; pass --out SCORES.h5 for where to write scores")
     return Path(data) / "scores.h5"
+
+
+def needs_model(args: argparse.Namespace) -> bool:
+    """Every method but feature-density with its own extractor scores with a (trained) model."""
+    return set(args.method) != {"feature-density"} or not args.extractor
+
+
+def scoring_model(args: argparse.Namespace, state: dict[str, Any] | None, cfg, splits, device: torch.device,
+                  seed: int, rank: int, size: int) -> tuple[Trained | None, Embed | None]:
+    """The model that scores (the checkpoint's, or a short run from `seed`; none with only an
+    extractor) and its embedding, which feeds grand, the default feature-density and the explorer."""
+    if not needs_model(args):
+        return None, None
+    if state is not None:
+        trained = from_checkpoint(state, args.checkpoint, cfg, splits, device)
+    else:
+        trained = short_run(cfg, splits, device, args.epochs, seed, rank, size)
+    if {"grand", "feature-density"} & set(args.method) or hasattr(trained.model, "embed"):
+        return trained, embed_fn(trained.model, f"model {cfg.model.name!r}")
+    return trained, None
+
+
+def run_scores(method: str, trained: Trained | None, scores: dict[str, np.ndarray], embedding: np.ndarray | None,
+               labels: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """`method`'s scores of all samples from one model (one short run or the checkpoint)."""
+    if method == "forgetting":
+        return forgetting_counts(trained.history)
+    if method == "feature-density":
+        return knn_distance(embedding, args.k) if args.density == "knn" else centroid_distance(embedding, labels)
+    return scores[method]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -349,46 +391,46 @@ def run(args: argparse.Namespace) -> int:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False   # rank-invariant on GPU too
     splits = load_splits(cfg.data, cfg.run.seed)
     train = splits.train
-
-    trained = extractor = model_embed = None
-    if set(methods) != {"feature-density"} or not args.extractor:
-        if state is not None:
-            trained = from_checkpoint(state, args.checkpoint, cfg, splits, device)
-        else:
-            trained = short_run(cfg, splits, device, args.epochs, rank, size)
-        # the model's embedding feeds grand and the default feature-density, and the score explorer
-        if {"grand", "feature-density"} & set(methods) or hasattr(trained.model, "embed"):
-            model_embed = embed_fn(trained.model, f"model {cfg.model.name!r}")
+    extractor = None
     if args.extractor:
         extractor, extractor_name = load_extractor(args.extractor, args.extractor_state, device)
     blocks = rank_blocks(len(train), SCORE_BLOCK, rank, size)
-    model = trained.model if trained is not None else None
-    part = score_blocks(methods, train, blocks, device, model, model_embed, extractor, rank == 0)
-    parts = dist.allgather_object(part, name="hpctrain.score.parts")
+
+    # Paul et al. (2021) average EL2N over 10 initialisations: one short run ranks samples noisily
+    seeds = [cfg.run.seed + i for i in range(args.seeds)]
+    per_run: list[dict[str, np.ndarray]] = []
+    embedding = None
+    for i, seed in enumerate(seeds):
+        trained, model_embed = scoring_model(args, state, cfg, splits, device, seed, rank, size)
+        model = trained.model if trained is not None else None
+        part = score_blocks(methods, train, blocks, device, model, model_embed, extractor, rank == 0)
+        parts = dist.allgather_object(part, name=f"hpctrain.score.parts.{i}")
+        if rank == 0:
+            run_embedding = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+            if i == 0:
+                embedding = run_embedding          # one model's embedding (averaging models' makes no sense)
+            logit = {m: np.concatenate([p[0][m] for p in parts]) for m in parts[0][0]}
+            per_run.append({m: run_scores(m, trained, logit, run_embedding, train.labels, args) for m in methods})
     if rank != 0:
         return 0
 
-    embedding = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
     common = {"data": str(args.data), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "hpctrain_version": __version__,
               "manifest_sha256": manifest_hash(Path(args.data)) if Path(args.data).is_dir() else ""}
     if trained is not None:
         common.update(model=trained.name, step=trained.step)
         if state is None:
-            common["short_run_epochs"] = args.epochs
+            common.update(short_run_epochs=args.epochs, seeds=np.array(seeds, dtype=np.int64))
     results = {}
     for method in methods:
         attrs = dict(common, method=method)
-        if method == "forgetting":
-            scores = forgetting_counts(trained.history)
-        elif method == "feature-density":
+        if method == "feature-density":
+            attrs.update(density=args.density, k=args.k if args.density == "knn" else 0)
             if extractor is not None:
                 attrs.update(model=extractor_name, step=0)
-            attrs.update(density=args.density, k=args.k if args.density == "knn" else 0)
-            scores = knn_distance(embedding, args.k) if args.density == "knn" else centroid_distance(embedding, train.labels)
-        else:
-            scores = np.concatenate([p[0][method] for p in parts])
+        scores = np.mean([r[method] for r in per_run], axis=0)       # run order: the same on any world size
         results[method] = (scores, attrs)
-        print(f"{method}: mean {scores.mean():.4g}, min {scores.min():.4g}, max {scores.max():.4g}")
+        print(f"{method}: mean {scores.mean():.4g}, min {scores.min():.4g}, max {scores.max():.4g}"
+              + (f" (mean of {len(seeds)} runs)" if len(seeds) > 1 else ""))
     source = extractor_name if extractor is not None else trained.name
     write_scores(out, train.sample_ids, train.labels, results, embedding, {"model": source})
     print(f"wrote {', '.join(methods)} scores of {len(train)} samples to {out}")
@@ -406,6 +448,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run config (model, optimizer, batch, seed) for the short pre-training run")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the short pre-training run (default 5)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="average the scores of this many short runs, seeded run.seed, run.seed+1, … (default 1)")
     parser.add_argument("--density", choices=("knn", "centroid"), default="knn", help="feature-density measure")
     parser.add_argument("--k", type=int, default=10, help="neighbours for --density knn (default 10)")
     parser.add_argument("--out", help="scores file (default DATA/scores.h5)")
