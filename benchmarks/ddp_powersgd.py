@@ -11,8 +11,8 @@ Rank and world size come from Open MPI's environment; the ranks meet at a TCP st
 127.0.0.1:PORT (so inside a throttled network namespace all traffic shares its loopback).
 The whole model is one DDP bucket (`bucket_cap_mb=1000`): PowerSGD then runs once per step
 over every gradient (torch's hook over Gloo on CPU also fails with several buckets).
-PowerSGD starts after 2 steps (torch's minimum with error feedback; steps 1-2 are plain allreduces),
-while hpctrain's LowRank compresses from step 1.
+PowerSGD starts after `compression.warmup_steps` plain-allreduce steps, at least 2 (torch's
+minimum with error feedback), which is when hpctrain's compressors start under the same config.
 
 The step log is the same HDF5 schema `hpctrain train` writes (`hpctrain.h5log`): `wire_bytes`
 is what this rank hands to Gloo (P and Q, plus the tensors PowerSGD leaves uncompressed),
@@ -45,7 +45,7 @@ from hpctrain.h5log import StepLog  # noqa: E402
 from hpctrain.models import build_model  # noqa: E402
 from hpctrain.train import OPTIMIZERS, lr_at, seed_everything  # noqa: E402
 
-START_POWERSGD_ITER = 2      # torch's minimum when error feedback / warm start are on
+MIN_START_ITER = 2      # torch's smallest start_powerSGD_iter with error feedback and warm start
 
 
 def check_supported(cfg: Config) -> None:
@@ -78,9 +78,9 @@ def device_and_backend(local_rank: int) -> tuple[torch.device, str]:
 class Meter:
     """The PowerSGD hook's state, plus what the current step sent and how long its exchange took."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, dense_steps: int):
         self.state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
-                                            start_powerSGD_iter=START_POWERSGD_ITER)
+                                            start_powerSGD_iter=max(MIN_START_ITER, dense_steps))
         self.wire_bytes = 0
         self.comm_time_s = 0.0
 
@@ -146,7 +146,7 @@ def train(cfg: Config, powersgd_rank: int, port: int) -> None:
     kwargs = {"momentum": t.momentum} if t.optimizer == "sgd" else {}
     ddp = DistributedDataParallel(model, bucket_cap_mb=1000)
     optimizer = OPTIMIZERS[t.optimizer](ddp.parameters(), lr=t.lr, weight_decay=t.weight_decay, **kwargs)
-    meter = Meter(powersgd_rank)
+    meter = Meter(powersgd_rank, dense_steps=cfg.compression.warmup_steps)
     ddp.register_comm_hook(meter, metered_powersgd_hook)
     dense_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     sampler = GlobalBatchSampler(positions, cfg.run.seed, rank, world)

@@ -13,7 +13,8 @@ hvd.DistributedOptimizer's traffic), `fp16`, each hpctrain compressor (`topk`, `
 `adacomp`, `lowrank`), and `ddp-powersgd` (benchmarks/ddp_powersgd.py: torch DDP over Gloo with
 torch's PowerSGD hook at the same rank as `lowrank`). Step time, comm time and bytes are means over
 the steps after the first `WARMUP_STEPS` (set-up: first allocations, Horovod negotiation,
-PowerSGD's dense start); bytes are what rank 0 hands to the network per step (indices included);
+the dense start); every compressor, like the peer's PowerSGD hook, sends its first
+`DENSE_START` steps dense (`compression.warmup_steps`), so all start from the same updates; bytes are what rank 0 hands to the network per step (indices included);
 accuracy is measured on the validation split `--evals` times per run; "time to X%" is the training
 time (sum of step times, evaluations excluded) until the first evaluation at or above the target.
 `--rate none` runs on the plain, unthrottled loopback (no root needed).
@@ -45,6 +46,7 @@ from tests.helpers import run_mpi  # noqa: E402
 CONFIG = REPO / "configs" / "mnist1d.toml"
 PEER = REPO / "benchmarks" / "ddp_powersgd.py"
 WARMUP_STEPS = 2
+DENSE_START = 2           # torch PowerSGD's smallest start_powerSGD_iter; hpctrain gets the same
 LOWRANK_RANK = 4          # hpctrain LowRank and torch PowerSGD use the same rank
 GLOBAL_BATCH = 128
 # The MNIST-1D CNN (~20k parameters: compute-bound) and a ~10.7M-parameter MLP whose 43 MB of
@@ -79,7 +81,7 @@ def run_settings(model: str, method: str, steps: int, evals: int, out_dir: Path)
             "batch.initial": GLOBAL_BATCH, "data.name": "mnist1d", "data.val_fraction": 0.2,
             "data.num_samples": math.ceil(train_samples / 0.8), "checkpoint.every_epochs": 0,
             "train.progress": False, "compression.name": "none" if method in ("dense", PEER_METHOD) else method,
-            "compression.lowrank.rank": LOWRANK_RANK, "run.seed": 0, "run.name": method, "run.out_dir": str(out_dir)}
+            "compression.lowrank.rank": LOWRANK_RANK, "compression.warmup_steps": DENSE_START, "run.seed": 0, "run.name": method, "run.out_dir": str(out_dir)}
 
 
 def set_args(settings: dict[str, Any]) -> list[str]:

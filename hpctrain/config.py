@@ -147,6 +147,8 @@ class CompressionConfig:
     name: Literal["none", "fp16", "topk", "adacomp", "threshold", "lowrank"] = "none"
     # Tensors with fewer elements skip compression and ride one fused dense allreduce.
     min_numel: int = 1024
+    # The first N optimizer steps send every gradient dense, then compression starts.
+    warmup_steps: int = 0
     adacomp: AdaCompConfig = field(default_factory=AdaCompConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
@@ -249,6 +251,10 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config: {key} = {value} must be positive")
+    for key, value in {"compression.min_numel": cfg.compression.min_numel,
+                       "compression.warmup_steps": cfg.compression.warmup_steps}.items():
+        if value < 0:
+            raise UserError(f"config: {key} = {value} must be 0 or positive")
     if not cfg.train.lr > 0:
         raise UserError(f"config: train.lr = {cfg.train.lr} must be positive")
     for key, value in {"data.keep_fraction": cfg.data.keep_fraction,

@@ -35,7 +35,7 @@ from torch import nn
 
 from hpctrain import dist
 from hpctrain.compression.base import Collective, Compressor, Exchange, ParamState
-from hpctrain.compression.policy import Policy, as_policy
+from hpctrain.compression.policy import DENSE, Policy, as_policy
 from hpctrain.errors import UserError
 
 Fusion = Literal["none", "backward", "forward"]
@@ -79,6 +79,13 @@ def _weak(method: Callable[..., None]) -> Callable[..., None]:
         if bound is not None:
             bound(*args)
     return hook
+
+
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """|tensor|² as an fp32 scalar, by one BLAS dot product: 4-5× cheaper than `isfinite().all()`
+    on the CPU, and non-finite whenever the tensor holds a NaN/Inf (or its squares overflow)."""
+    flat = tensor.detach().reshape(-1).to(torch.float32)
+    return torch.dot(flat, flat)
 
 
 def _snapshot(group: dict[str, Any]) -> dict[str, Any]:
@@ -160,17 +167,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                             "optimizer.step() between backward passes, or raise backward_passes_per_step")
         self._seen.add(p)
         grad = p.grad
-        if not bool(torch.isfinite(grad).all()):
+        sqnorm = squared_norm(grad)        # one pass; any NaN/Inf in grad makes it non-finite
+        if not bool(torch.isfinite(sqnorm)) and not bool(torch.isfinite(grad).all()):
             raise NonFiniteGradientError(
                 f"non-finite gradient (NaN/Inf) in parameter {self._names[p]!r} at step {self._states[p].steps + 1}; "
                 "it was not fed into the residual memory — lower train.lr or check the data")
         if self.measure_grad_norms:
-            self._local_sq = self._local_sq.to(grad.device) + grad.detach().double().pow(2).sum()
+            self._local_sq = self._local_sq.to(grad.device) + sqnorm.double()
         self.stats.dense_bytes += grad.numel() * 4
         compressor = self._compressor[p]
         if compressor is None:
             self._bypass_due = True
             return
+        if self._states[p].steps < self.policy.warmup_steps:
+            compressor = DENSE
         exchange = compressor.exchange(grad, self._states[p])
         self._launch(_InFlight(p, exchange, next(exchange), []))
         if self.fusion == "backward":
@@ -273,7 +283,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.stats.comm_time_s += time.perf_counter() - start
         if self.measure_grad_norms and self.fusion != "forward":
             self.stats.local_sqnorm = float(self._local_sq)
-            self.stats.global_sqnorm = float(sum(p.grad.detach().double().pow(2).sum() for p in self._compressor))
+            self.stats.global_sqnorm = float(sum(squared_norm(p.grad).double() for p in self._compressor))
 
     # -- the update ----------------------------------------------------------------------
     def _update(self, params: list[torch.Tensor], hyper: dict[torch.Tensor, dict[str, Any]] | None = None) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 
@@ -10,7 +11,7 @@ import torch
 
 from hpctrain.compression import (FP16, AdaComp, Collective, LowRank, NoCompression, ParamState, Policy,
                                   Threshold, TopK, describe, policy_from_config, simulate)
-from hpctrain.compression import sparse
+from hpctrain.compression import adacomp, sparse
 from hpctrain.compression.base import Compressor
 from hpctrain.config import COMPRESSOR_NAMES, CompressionConfig, config_from_dict
 from hpctrain.errors import UserError
@@ -136,6 +137,17 @@ def test_indices_at_least_matches_nonzero(density):
     assert torch.equal(sparse.indices_at_least(values, bound), expected)
     assert torch.equal(sparse.indices_at_least(values.view(-1), 1 - density), expected)
 
+
+
+@pytest.mark.parametrize("align", [1, 7, 500])
+def test_selection_in_cache_sized_slices_equals_one_pass(align):
+    """Bins never straddle two slices, and slice offsets come back: same indices as one pass."""
+    numel = 2 * sparse.CPU_CHUNK + 12345
+    generator = torch.Generator().manual_seed(align)
+    residue, grad = torch.randn(numel, generator=generator), torch.randn(numel, generator=generator)
+    whole = adacomp._reaching_bin_max(residue, grad, align)
+    sliced = sparse.select_in_slices(residue, grad, align, functools.partial(adacomp._reaching_bin_max, length=align))
+    assert sliced.numel() > 0 and torch.equal(sliced, whole)
 
 # -- AdaComp --------------------------------------------------------------------------------
 def test_adacomp_selects_by_the_papers_rule():

@@ -29,6 +29,7 @@ def test_overrides_are_typed_toml_values():
     ({"data": {"keep_fraction": 1.5}}, "data.keep_fraction = 1.5 must be in (0, 1]"),
     ({"compression": {"rules": {"*.bias": "zip"}}}, "compression.rules.'*.bias' = 'zip'"),
     ({"compression": {"adacomp": {"bins": 3}}}, "unknown key 'compression.adacomp.bins'"),
+    ({"compression": {"warmup_steps": -1}}, "compression.warmup_steps = -1 must be 0 or positive"),
     ({"batch": {"initial": 64, "max": 32}}, "batch.max = 32 is below batch.initial = 64"),
 ])
 def test_bad_values_name_the_key(table, message):

@@ -269,3 +269,25 @@ def test_forward_fused_training_resumed_from_a_checkpoint_equals_the_uninterrupt
     assert resumed["steps"]["step"].tolist() == uninterrupted["steps"]["step"].tolist() == list(range(1, 24))
     np.testing.assert_array_equal(resumed["steps"]["loss"], uninterrupted["steps"]["loss"])
     np.testing.assert_array_equal(resumed["evals"]["val_loss"], uninterrupted["evals"]["val_loss"])
+
+
+def test_compression_warmup_sends_dense_then_compresses_with_a_fresh_residual():
+    model, reference = _mlp(), _mlp()
+    opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model.named_parameters(),
+                               compression=Policy(default=TopK(0.1), min_numel=100, warmup_steps=2))
+    plain = torch.optim.Adam(reference.parameters(), lr=0.01)
+    wire = []
+    for step in range(3):
+        for m, o in ((model, opt), (reference, plain)):
+            _backward(m, step)
+            o.step()
+            o.zero_grad()
+        stats = opt.new_step_stats()
+        wire.append(stats.wire_bytes / stats.dense_bytes)
+        residuals = [state.residual for state in opt._states.values()]
+        if step < 2:        # dense: the exact update, nothing remembered
+            _assert_same(_params(model), _params(reference), atol=1e-7)
+            assert all(r is None for r in residuals)
+    assert wire[0] == wire[1] == 1.0 and wire[2] < 0.3
+    assert sum(r is not None for r in residuals) == 3        # the 40x12, 40x40, 3x40 weights; biases bypass
+

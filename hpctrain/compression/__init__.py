@@ -46,4 +46,4 @@ def policy_from_config(cfg: CompressionConfig) -> Policy:
     """The `[compression]` table as a Policy: default compressor, glob rules, small-tensor bypass."""
     built = {name: build_compressor(name, cfg) for name in {cfg.name, *cfg.rules.values()}}
     return Policy(default=built[cfg.name], rules={pattern: built[name] for pattern, name in cfg.rules.items()},
-                  min_numel=cfg.min_numel)
+                  min_numel=cfg.min_numel, warmup_steps=cfg.warmup_steps)

@@ -11,6 +11,7 @@ Residue = G − what was sent.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -39,14 +40,9 @@ class AdaComp(sparse.SparseCompressor):
         return self.conv_bin if len(shape) >= 3 else self.fc_bin
 
     def select(self, flat: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        length, numel = self.bin_length(grad.shape), flat.numel()
-        scratch = flat.new_empty(math.ceil(numel / length) * length)   # whole bins, zero-padded
-        scratch[numel:] = 0
-        bins = scratch.view(-1, length)
-        torch.abs(flat, out=scratch[:numel])
-        bin_max = bins.amax(dim=1, keepdim=True).clamp_min_(sparse.THRESHOLD_FLOOR)   # max |G| per bin
-        torch.add(flat, grad.detach().view(-1), out=scratch[:numel])
-        return sparse.indices_at_least(bins.abs_(), bin_max)           # |H| >= max |G|
+        length = self.bin_length(grad.shape)
+        return sparse.select_in_slices(flat, grad.detach().view(-1), length,
+                                       functools.partial(_reaching_bin_max, length=length))
 
     def encode(self, grad: torch.Tensor, state: ParamState) -> tuple[list[torch.Tensor], Any]:
         if not self.quantize:
@@ -68,3 +64,15 @@ class AdaComp(sparse.SparseCompressor):
         values = signs * torch.repeat_interleave(scales, counts, output_size=indices.numel())
         return like_grad(sparse.scatter_mean(values, indices, counts.numel(), ctx.numel()), ctx)
 
+
+
+def _reaching_bin_max(residue: torch.Tensor, grad: torch.Tensor, length: int) -> torch.Tensor:
+    """Indices of the entries with |residue + grad| >= the largest |residue| of their bin."""
+    numel = residue.numel()
+    scratch = residue.new_empty(math.ceil(numel / length) * length)   # whole bins, zero-padded
+    scratch[numel:] = 0
+    bins = scratch.view(-1, length)
+    torch.abs(residue, out=scratch[:numel])
+    bin_max = bins.amax(dim=1, keepdim=True).clamp_min_(sparse.THRESHOLD_FLOOR)   # max |G| per bin
+    torch.add(residue, grad, out=scratch[:numel])
+    return sparse.indices_at_least(bins.abs_(), bin_max)           # |H| >= max |G|

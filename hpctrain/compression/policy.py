@@ -20,10 +20,15 @@ class Policy:
     Tensors with fewer than `min_numel` elements, and shapes the chosen compressor cannot
     handle, bypass compression and ride one fused dense allreduce at the end of backward;
     larger dense tensors are sent one by one as soon as their gradient is ready.
+    During the first `warmup_steps` exchanges every compressed parameter is sent dense too
+    (as DGC's warm-up and torch PowerSGD's `start_powerSGD_iter`): the first updates, which
+    move the weights most, then see the exact gradient, and compression starts with an empty
+    residual memory.
     """
     default: Compressor | None = None
     rules: dict[str, Compressor | None] = field(default_factory=dict)
     min_numel: int = 1024
+    warmup_steps: int = 0
 
     def choose(self, name: str) -> Compressor | None:
         """The rule (or default) for this name, before the size and shape checks; None: dense."""
@@ -45,10 +50,10 @@ class Policy:
         """The compressor for this parameter, or None for the fused small-tensor bypass."""
         if self.bypass_reason(name, param) is not None:
             return None
-        return self.choose(name) or _DENSE
+        return self.choose(name) or DENSE
 
 
-_DENSE = NoCompression()
+DENSE = NoCompression()
 
 
 def as_policy(compression: Compressor | Policy | None) -> Policy:

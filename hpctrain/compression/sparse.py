@@ -12,7 +12,7 @@ bits and replicas cannot drift apart.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -69,6 +69,25 @@ def indices_at_least(values: torch.Tensor, bound: torch.Tensor | float) -> torch
         return mask.nonzero().squeeze(1)
     word, byte = words[hit_words].view(torch.uint8).view(-1, 8).nonzero().unbind(1)
     return hit_words[word] * 8 + byte
+
+
+CPU_CHUNK = 1 << 20     # entries per slice: a slice's passes then stay in a CPU's L3 cache
+
+
+def select_in_slices(flat: torch.Tensor, grad: torch.Tensor, align: int,
+                     pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`pick(flat slice, grad slice)` → indices within the slice, over the whole tensor.
+
+    A selection makes several passes (abs, compare, nonzero, ...). On a CPU a tensor larger than
+    the cache is cut into slices of whole `align`-entry bins, so those passes read the cache
+    instead of main memory (~2× faster at 25M entries); on a GPU it is one slice.
+    """
+    numel = flat.numel()
+    step = max(align, CPU_CHUNK // align * align)
+    if flat.device.type != "cpu" or numel <= step:
+        return pick(flat, grad)
+    parts = [pick(flat[start:start + step], grad[start:start + step]) + start for start in range(0, numel, step)]
+    return torch.cat(parts)
 
 
 GAP_LIMIT = torch.iinfo(torch.int16).max   # longest gap one 16-bit code can jump

@@ -39,11 +39,11 @@ class Threshold(sparse.SparseCompressor):
         return max(1, round(self.density * numel))
 
     def select(self, flat: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        magnitude = flat.abs()
         if self._needs_refresh(state, flat.numel()):
-            kth_largest = magnitude.topk(self.target_count(flat.numel()), sorted=False).values.min()
+            kth_largest = flat.abs().topk(self.target_count(flat.numel()), sorted=False).values.min()
             state.extra["threshold"] = kth_largest.clamp_min(sparse.THRESHOLD_FLOOR)
-        indices = sparse.indices_at_least(magnitude, state.extra["threshold"])
+        threshold = state.extra["threshold"]
+        indices = sparse.select_in_slices(flat, flat, 1, lambda part, _: sparse.indices_at_least(part.abs(), threshold))
         state.extra["last_count"] = indices.numel()
         return indices
 
