@@ -2,6 +2,7 @@
 
     python benchmarks/fusion.py                               # 4 ranks, wide MLP (~23M params), Adam
     python benchmarks/fusion.py --ranks 4 --width 2048 --depth 6 --batch 8 --device cuda
+    python benchmarks/fusion.py --rate 10gbit                 # over a throttled link (root)
 
 Launches itself under `mpirun -np RANKS`. Every rank builds one copy of the same wide MLP per
 fusion mode (same seed), each wrapped by its own `hpctrain.DistributedOptimizer`; the modes are
@@ -14,6 +15,12 @@ ratio to "none" in the same round (paired, so a busy spell cancels out); also th
 ranks used per step, which other work on the machine disturbs less than the wall time. For
 context, the same ranks also time the parts alone: forward + backward without communication,
 and the wrapped optimizer's plain update.
+
+With `--rate`, the ranks run in a network namespace whose loopback `tc` throttles to that rate
+(benchmarks/netns.py) and talk TCP over it, as on a cluster link: waiting for the network then
+leaves the CPU idle, and fusion can fill that wait with updates — the overlap the Optimizer
+Fusion paper measures. Without it, Open MPI uses shared memory, and the copies that make up
+communication themselves compete for the cores the updates need.
 """
 from __future__ import annotations
 
@@ -32,11 +39,13 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import netns  # noqa: E402
 from hpctrain import dist  # noqa: E402
 from hpctrain.cli import run_guarded  # noqa: E402
 from hpctrain.compression import build_compressor  # noqa: E402
 from hpctrain.config import CompressionConfig  # noqa: E402
 from hpctrain.optimizer import DistributedOptimizer  # noqa: E402
+from tests.helpers import MPIRUN  # noqa: E402
 
 MODES = ("none", "backward", "forward")
 INPUTS, CLASSES = 1024, 10
@@ -112,7 +121,8 @@ def worker(args: argparse.Namespace) -> None:
     if dist.is_root():
         params = sum(p.numel() for p in model.parameters())
         threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-        print(f"{dist.size()} ranks on {device} ({threads} thread(s) each), "
+        link = f"link {args.rate}" if args.rate else "shared-memory link"
+        print(f"{dist.size()} ranks on {device} ({threads} thread(s) each, {link}), "
               f"MLP {INPUTS}-{args.width}x{args.depth}-{CLASSES} "
               f"({params / 1e6:.1f}M params), batch {args.batch} per rank, Adam, compression {args.compression}; "
               f"{args.rounds} rounds x {args.steps} steps per mode; load average {os.getloadavg()[0]:.1f}\n")
@@ -138,16 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--rate", help="run over TCP on a loopback throttled to this tc rate (e.g. 10gbit; needs root)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)     # the mpirun'd part itself
     args = parser.parse_args(argv)
     if args.worker:
         return run_guarded(lambda: worker(args))
-    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
-    cmd = ["mpirun", *root, "--oversubscribe", "--bind-to", "none", "-np", str(args.ranks),
-           sys.executable, str(Path(__file__).resolve()), "--worker", *forwarded]
+    launcher = MPIRUN if args.rate else MPIRUN[:MPIRUN.index("--mca")]     # TCP only over the throttled link
+    cmd = [*launcher, "-np", str(args.ranks), sys.executable, str(Path(__file__).resolve()), "--worker", *forwarded]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.run(cmd, env=env).returncode
+    if not args.rate:
+        return subprocess.run(cmd, env=env).returncode
+    try:
+        with netns.throttled_namespace(args.rate) as ns, ns.entered():
+            return subprocess.run(cmd, env=env).returncode
+    except netns.NetnsUnavailable as exc:
+        print(f"fusion.py: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

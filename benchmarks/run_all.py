@@ -4,7 +4,8 @@
     python benchmarks/run_all.py --only codec,link-cnn1d --quick   # a smoke run, printed only
 
 The slow-link runs (benchmarks/link.py) train both models at 1 Gbit/s and 100 Mbit/s (the MLP
-also on the unthrottled loopback, which shows each method's compute + codec floor); then the
+also on the unthrottled loopback, which shows each method's compute + codec floor, and for 150
+steps at 1 Gbit/s, where final accuracies can be compared with torch PowerSGD's); then the
 codec timing (benchmarks/codec.py) and every other benchmarks/*.py that defines `main()` run
 with their defaults. Each benchmark's stdout goes to the terminal and, verbatim, into the
 results file next to the exact command, its wall time and exit status, with the machine, the
@@ -45,8 +46,12 @@ class Job:
 def link_jobs(quick: bool) -> list[Job]:
     cnn = ["--rate", "1gbit", "--rate", "100mbit", "--model", "cnn1d", "--ranks", "4"]
     mlp = ["--rate", "none", "--rate", "1gbit", "--rate", "100mbit", "--model", "mlp", "--ranks", "4"]
+    # The matched-accuracy run: long enough for the final accuracies to mean something.
+    matched = ["--rate", "1gbit", "--model", "mlp", "--ranks", "4", "--methods", "dense,threshold,adacomp,lowrank,ddp-powersgd"]
     length = ["--steps", "6", "--evals", "2"] if quick else None
     return [Job("link-mlp", ["benchmarks/link.py", *mlp, *(length or ["--steps", "30", "--evals", "3"])], markdown=True),
+            Job("link-mlp-matched", ["benchmarks/link.py", *matched, *(length or ["--steps", "150", "--evals", "5"])],
+                markdown=True),
             Job("link-cnn1d", ["benchmarks/link.py", *cnn, *(length or ["--steps", "40", "--evals", "4"])], markdown=True)]
 
 
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     todo = jobs(args.quick)
     if args.list:
-        print("\n".join(f"{job.name:<14} {job.command}" for job in todo))
+        print("\n".join(f"{job.name:<18} {job.command}" for job in todo))
         return 0
     if args.only:
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]

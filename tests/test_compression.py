@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import io
 import math
 
@@ -11,7 +10,7 @@ import torch
 
 from hpctrain.compression import (FP16, AdaComp, Collective, LowRank, NoCompression, ParamState, Policy,
                                   Threshold, TopK, describe, policy_from_config, simulate)
-from hpctrain.compression import adacomp, sparse
+from hpctrain.compression import kernels, sparse
 from hpctrain.compression.base import Compressor
 from hpctrain.config import COMPRESSOR_NAMES, CompressionConfig, config_from_dict
 from hpctrain.errors import UserError
@@ -127,27 +126,35 @@ def test_compensate_never_writes_into_the_gradient():
         assert torch.equal(grad, kept)
 
 
-@pytest.mark.parametrize("density", [0.0, 0.002, 0.05, 0.6])
-def test_indices_at_least_matches_nonzero(density):
-    """The word-at-a-time CPU path and its dense fallback, on a ragged [bins, length] view."""
-    gen = torch.Generator().manual_seed(1)
-    values = torch.rand(997, 13, generator=gen)
-    bound = torch.full((997, 1), 1 - density)
-    expected = (values >= bound).view(-1).nonzero().squeeze(1)
-    assert torch.equal(sparse.indices_at_least(values, bound), expected)
-    assert torch.equal(sparse.indices_at_least(values.view(-1), 1 - density), expected)
+@pytest.mark.parametrize("length", [1, 7, 50, 500])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float16])
+def test_cpu_bin_max_kernel_equals_the_torch_ops(length, grad_dtype):
+    """numba's one-pass selection and the GPU path's torch ops pick the same indices: ragged last
+    bin, an all-zero bin (nothing sent), and ties with the bin maximum (sent)."""
+    gen = torch.Generator().manual_seed(length)
+    residue = torch.randn(10_000 + 3, generator=gen)
+    residue[:length] = 0
+    grad = torch.randn(residue.numel(), generator=gen).to(grad_dtype)
+    grad[:length] = 0
+    residue[length:2 * length] = torch.where(torch.arange(length) == 0, 2.0, 1.0)
+    grad[length:2 * length] = 0
+    expected = kernels._reaching_bin_max_torch(residue, grad, length)
+    picked = kernels.reaching_bin_max(residue, grad, length)
+    assert picked.dtype == torch.int64 and picked.numel() > 0
+    assert torch.equal(picked, expected)
+    tie_bin = [i for i in picked.tolist() if length <= i < 2 * length]
+    assert tie_bin == [length]                              # |H| == max |G| goes; the 1s stay
+    assert not any(i < length for i in picked.tolist())     # the all-zero bin sends nothing
 
 
+@pytest.mark.parametrize("bound", [0.5, 3.0, 10.0])
+def test_cpu_threshold_kernel_equals_the_torch_ops(bound):
+    values = torch.randn(100_003, generator=torch.Generator().manual_seed(3))
+    values[7] = -bound                                      # |value| == bound is sent
+    expected = (values.abs() >= bound).nonzero().squeeze(1)
+    assert torch.equal(kernels.at_least(values, torch.tensor(bound)), expected)
+    assert 7 in kernels.at_least(values, bound).tolist()
 
-@pytest.mark.parametrize("align", [1, 7, 500])
-def test_selection_in_cache_sized_slices_equals_one_pass(align):
-    """Bins never straddle two slices, and slice offsets come back: same indices as one pass."""
-    numel = 2 * sparse.CPU_CHUNK + 12345
-    generator = torch.Generator().manual_seed(align)
-    residue, grad = torch.randn(numel, generator=generator), torch.randn(numel, generator=generator)
-    whole = adacomp._reaching_bin_max(residue, grad, align)
-    sliced = sparse.select_in_slices(residue, grad, align, functools.partial(adacomp._reaching_bin_max, length=align))
-    assert sliced.numel() > 0 and torch.equal(sliced, whole)
 
 # -- AdaComp --------------------------------------------------------------------------------
 def test_adacomp_selects_by_the_papers_rule():

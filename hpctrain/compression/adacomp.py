@@ -11,13 +11,11 @@ Residue = G − what was sent.
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any
 
 import torch
 
-from hpctrain.compression import sparse
+from hpctrain.compression import kernels, sparse
 from hpctrain.compression.base import ParamState, compensate, like_grad
 from hpctrain.errors import UserError
 
@@ -40,9 +38,7 @@ class AdaComp(sparse.SparseCompressor):
         return self.conv_bin if len(shape) >= 3 else self.fc_bin
 
     def select(self, flat: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        length = self.bin_length(grad.shape)
-        return sparse.select_in_slices(flat, grad.detach().view(-1), length,
-                                       functools.partial(_reaching_bin_max, length=length))
+        return kernels.reaching_bin_max(flat, grad.detach().view(-1), self.bin_length(grad.shape))
 
     def encode(self, grad: torch.Tensor, state: ParamState) -> tuple[list[torch.Tensor], Any]:
         if not self.quantize:
@@ -63,16 +59,3 @@ class AdaComp(sparse.SparseCompressor):
         indices, signs = sparse.decode_signed_gaps(codes, counts)
         values = signs * torch.repeat_interleave(scales, counts, output_size=indices.numel())
         return like_grad(sparse.scatter_mean(values, indices, counts.numel(), ctx.numel()), ctx)
-
-
-
-def _reaching_bin_max(residue: torch.Tensor, grad: torch.Tensor, length: int) -> torch.Tensor:
-    """Indices of the entries with |residue + grad| >= the largest |residue| of their bin."""
-    numel = residue.numel()
-    scratch = residue.new_empty(math.ceil(numel / length) * length)   # whole bins, zero-padded
-    scratch[numel:] = 0
-    bins = scratch.view(-1, length)
-    torch.abs(residue, out=scratch[:numel])
-    bin_max = bins.amax(dim=1, keepdim=True).clamp_min_(sparse.THRESHOLD_FLOOR)   # max |G| per bin
-    torch.add(residue, grad, out=scratch[:numel])
-    return sparse.indices_at_least(bins.abs_(), bin_max)           # |H| >= max |G|

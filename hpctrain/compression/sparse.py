@@ -12,14 +12,13 @@ bits and replicas cannot drift apart.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from hpctrain.compression.base import Compressor, ParamState, compensate, like_grad
 
 INDEX_LIMIT = torch.iinfo(torch.int32).max   # int32 indices address at most this many elements
-THRESHOLD_FLOOR = torch.finfo(torch.float32).tiny   # selection bounds are floored here: exact zeros never go
 
 
 def fits_int32(shape: torch.Size) -> bool:
@@ -47,47 +46,6 @@ def scatter_mean(values: torch.Tensor, indices: torch.Tensor, world: int, numel:
     """Sum the gathered (index, value) pairs of all ranks into a dense vector and divide by `world`."""
     dense = torch.zeros(numel, dtype=torch.float32, device=values.device)
     return dense.index_put_((indices.long(),), values / world, accumulate=True)
-
-
-def indices_at_least(values: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
-    """Flat indices (sorted, int64) of the entries with values >= bound (broadcast).
-
-    The hot path of the sparse codecs. On the CPU `nonzero` costs 1-3 ns per entry, but the
-    masks here are mostly sparse: it runs on the mask read as 8-byte words, and only the words
-    with a hit are split into bytes — 2-5× faster below ~2% density. Denser masks, and GPUs,
-    take plain `nonzero`.
-    """
-    numel = values.numel()
-    if values.device.type != "cpu":
-        return (values >= bound).view(-1).nonzero().squeeze(1)
-    mask = torch.empty(-(-numel // 8) * 8, dtype=torch.bool)
-    torch.ge(values, bound, out=mask[:numel].view(values.shape))
-    mask[numel:] = False
-    words = mask.view(torch.int64)
-    hit_words = words.nonzero().squeeze(1)
-    if 4 * hit_words.numel() > words.numel():
-        return mask.nonzero().squeeze(1)
-    word, byte = words[hit_words].view(torch.uint8).view(-1, 8).nonzero().unbind(1)
-    return hit_words[word] * 8 + byte
-
-
-CPU_CHUNK = 1 << 20     # entries per slice: a slice's passes then stay in a CPU's L3 cache
-
-
-def select_in_slices(flat: torch.Tensor, grad: torch.Tensor, align: int,
-                     pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`pick(flat slice, grad slice)` → indices within the slice, over the whole tensor.
-
-    A selection makes several passes (abs, compare, nonzero, ...). On a CPU a tensor larger than
-    the cache is cut into slices of whole `align`-entry bins, so those passes read the cache
-    instead of main memory (~2× faster at 25M entries); on a GPU it is one slice.
-    """
-    numel = flat.numel()
-    step = max(align, CPU_CHUNK // align * align)
-    if flat.device.type != "cpu" or numel <= step:
-        return pick(flat, grad)
-    parts = [pick(flat[start:start + step], grad[start:start + step]) + start for start in range(0, numel, step)]
-    return torch.cat(parts)
 
 
 GAP_LIMIT = torch.iinfo(torch.int16).max   # longest gap one 16-bit code can jump

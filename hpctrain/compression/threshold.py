@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from hpctrain.compression import sparse
+from hpctrain.compression import kernels, sparse
 from hpctrain.compression.base import ParamState
 from hpctrain.errors import UserError
 
@@ -41,9 +41,8 @@ class Threshold(sparse.SparseCompressor):
     def select(self, flat: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
         if self._needs_refresh(state, flat.numel()):
             kth_largest = flat.abs().topk(self.target_count(flat.numel()), sorted=False).values.min()
-            state.extra["threshold"] = kth_largest.clamp_min(sparse.THRESHOLD_FLOOR)
-        threshold = state.extra["threshold"]
-        indices = sparse.select_in_slices(flat, flat, 1, lambda part, _: sparse.indices_at_least(part.abs(), threshold))
+            state.extra["threshold"] = kth_largest.clamp_min(kernels.FLOOR)
+        indices = kernels.at_least(flat, state.extra["threshold"])
         state.extra["last_count"] = indices.numel()
         return indices
 
