@@ -113,7 +113,8 @@ def test_two_ranks_train_inside_a_throttled_namespace(netns_allowed, tmp_path):
         assert 0.7 * 2_000_000 * 8 / 50e6 < seconds < 10     # unthrottled this takes milliseconds
         run_mpi(2, ["train", "--config", REPO / "configs" / "mnist1d.toml", "--set", "train.max_steps=3",
                     "--set", "data.num_samples=1000", "--set", "checkpoint.every_epochs=0",
-                    "--set", f'run.out_dir="{tmp_path}"', "--set", 'compression.name="adacomp"'], timeout=60)
+                    "--set", f'run.out_dir="{tmp_path}"', "--set", 'compression.name="adacomp"',
+                    "--set", "compression.warmup_steps=0"], timeout=60)
     assert not netns.exists(ns.name)
     assert "tbf" not in subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
     log = read_log(tmp_path / "mnist1d" / "log.h5")

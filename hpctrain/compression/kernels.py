@@ -7,8 +7,9 @@ selection is therefore one numba-compiled loop that reads the tensor once, bin b
 the bin is in cache, and writes the chosen indices directly; on GPUs the torch ops are fast
 and run as they are. Both give the same sorted int64 indices (tested against each other).
 
-Compiled on first use and cached on disk (numba's `cache=True`), so only the first process on
-a machine pays the ~2 s compile. They release the GIL, so Horovod's background thread keeps
+Compiled on first use and cached on disk (numba's `cache=True`, written atomically, next to this
+file or where NUMBA_CACHE_DIR points), so only the first process on a machine pays the ~2 s
+compile. They release the GIL, so Horovod's background thread keeps
 communicating while a codec runs.
 """
 from __future__ import annotations
