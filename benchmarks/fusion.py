@@ -45,7 +45,7 @@ from hpctrain.cli import run_guarded  # noqa: E402
 from hpctrain.compression import build_compressor  # noqa: E402
 from hpctrain.config import CompressionConfig  # noqa: E402
 from hpctrain.optimizer import DistributedOptimizer  # noqa: E402
-from tests.helpers import MPIRUN  # noqa: E402
+from tests.helpers import MPIRUN, MPIRUN_LOCAL  # noqa: E402
 
 MODES = ("none", "backward", "forward")
 INPUTS, CLASSES = 1024, 10
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return run_guarded(lambda: worker(args))
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
-    launcher = MPIRUN if args.rate else MPIRUN[:MPIRUN.index("--mca")]     # TCP only over the throttled link
+    launcher = MPIRUN if args.rate else MPIRUN_LOCAL       # TCP only over the throttled link
     cmd = [*launcher, "-np", str(args.ranks), sys.executable, str(Path(__file__).resolve()), "--worker", *forwarded]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not args.rate:

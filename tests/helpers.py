@@ -8,8 +8,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
-MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-          "--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
+# Open MPI chooses its transports (shared memory between ranks of one machine).
+MPIRUN_LOCAL = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
+# TCP over loopback only: runs anywhere, and inside a throttled network namespace.
+MPIRUN = MPIRUN_LOCAL + ["--mca", "btl", "self,tcp", "--mca", "btl_tcp_if_include", "lo",
+                         "--mca", "oob_tcp_if_include", "lo"]
 
 
 def _env(extra: dict[str, str] | None) -> dict[str, str]:
