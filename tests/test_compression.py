@@ -10,10 +10,11 @@ import torch
 
 from hpctrain.compression import (FP16, AdaComp, Collective, LowRank, NoCompression, ParamState, Policy,
                                   Threshold, TopK, describe, policy_from_config, simulate)
-from hpctrain.compression import kernels, sparse
+from hpctrain.compression import kernels
 from hpctrain.compression.base import Compressor
 from hpctrain.config import COMPRESSOR_NAMES, CompressionConfig, config_from_dict
 from hpctrain.errors import UserError
+from tests.helpers import heavy_tailed_grads
 
 WORLD = 3
 CONV = (16, 8, 3)        # 384 entries: 7.68 bins of 50, so the last bin is ragged
@@ -126,22 +127,25 @@ def test_compensate_never_writes_into_the_gradient():
         assert torch.equal(grad, kept)
 
 
-@pytest.mark.parametrize("length", [1, 7, 50, 500])
+@pytest.mark.parametrize("length", [1, 7, 50, 500, 3000])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float16])
-def test_cpu_bin_max_kernel_equals_the_torch_ops(length, grad_dtype):
-    """numba's one-pass selection and the GPU path's torch ops pick the same indices: ragged last
-    bin, an all-zero bin (nothing sent), and ties with the bin maximum (sent)."""
+@pytest.mark.parametrize("grad_scale", [1.0, 0.01], ids=["many-hits", "few-hits"])
+def test_cpu_bin_max_kernel_equals_the_torch_ops(length, grad_dtype, grad_scale):
+    """numba's selection and the GPU path's torch ops pick the same indices: ragged last bin and
+    block, an all-zero bin (nothing sent), ties with the bin maximum (sent), with many entries
+    per block sent (the branch-free path) and few (the word-skipping path)."""
     gen = torch.Generator().manual_seed(length)
     residue = torch.randn(10_000 + 3, generator=gen)
     residue[:length] = 0
-    grad = torch.randn(residue.numel(), generator=gen).to(grad_dtype)
+    grad = (grad_scale * torch.randn(residue.numel(), generator=gen)).to(grad_dtype)
     grad[:length] = 0
     residue[length:2 * length] = torch.where(torch.arange(length) == 0, 2.0, 1.0)
     grad[length:2 * length] = 0
     expected = kernels._reaching_bin_max_torch(residue, grad, length)
-    picked = kernels.reaching_bin_max(residue, grad, length)
+    picked, total = kernels.reaching_bin_max(residue, grad, length)
     assert picked.dtype == torch.int64 and picked.numel() > 0
     assert torch.equal(picked, expected)
+    assert total == pytest.approx(float(residue[expected].abs().sum()), rel=1e-5)
     tie_bin = [i for i in picked.tolist() if length <= i < 2 * length]
     assert tie_bin == [length]                              # |H| == max |G| goes; the 1s stay
     assert not any(i < length for i in picked.tolist())     # the all-zero bin sends nothing
@@ -181,19 +185,75 @@ def test_adacomp_quantised_sends_sign_times_one_scale():
     assert rounds[0][0].nbytes == 2 * 2 + 4 + 4   # two 16-bit signed gap codes, count, scale
 
 
-def test_signed_gap_codes_round_trip_long_gaps_and_empty_ranks():
-    limit = sparse.GAP_LIMIT
-    ranks = [torch.tensor([0, 5, 5 + limit, 5 + 3 * limit + 7, 10**6]), torch.tensor([], dtype=torch.long),
-             torch.tensor([limit - 1, limit])]
-    signs = [torch.tensor([True, False, True, False, False]), torch.tensor([], dtype=torch.bool),
-             torch.tensor([False, True])]
-    codes = [sparse.encode_signed_gaps(i, n) for i, n in zip(ranks, signs)]
-    assert codes[0].dtype == torch.uint8 and codes[0].shape[0] < 5 + 35   # 2 bytes per code, few fillers
-    counts = torch.tensor([c.shape[0] for c in codes], dtype=torch.int32)
-    indices, got_signs = sparse.decode_signed_gaps(torch.cat(codes), counts)
-    real = got_signs != 0
-    assert torch.equal(indices[real], torch.cat(ranks))
-    assert torch.equal(got_signs[real], torch.where(torch.cat(signs), -1, 1))
+def torch_send_signs(residue, indices, total):
+    return kernels._send_signs_torch(residue, indices, total / max(indices.numel(), 1))
+
+
+def sign_payloads(send_signs):
+    """Three ranks' residues (long gaps, an empty rank, a gap of exactly GAP_LIMIT) through
+    `send_signs` → (codes, counts, scales, the residues after sending, what each rank sent)."""
+    limit, numel = kernels.GAP_LIMIT, 10**6 + 1
+    ranks = [([0, 5, 5 + limit, 5 + 3 * limit + 7, 10**6], [-1.0, 2.0, -3.0, 4.0, 5.0]), ([], []),
+             ([limit - 1, 2 * limit - 1], [0.5, -0.25])]
+    codes, counts, scales, residues, sent = [], [], [], [], []
+    for indices, values in ranks:
+        residue, index = torch.zeros(numel), torch.tensor(indices, dtype=torch.long)
+        residue[index] = torch.tensor(values)
+        before = residue.clone()
+        code, scale = send_signs(residue, index, residue[index].abs().sum())
+        codes.append(code)
+        counts.append(code.shape[0])
+        scales.append(scale)
+        residues.append(residue)
+        sent.append(before - residue)
+    return torch.cat(codes), torch.tensor(counts, dtype=torch.int32), torch.cat(scales), residues, sent
+
+
+@pytest.mark.parametrize("implementation", ["cpu", "torch"])
+def test_sign_codes_round_trip_long_gaps_and_empty_ranks(implementation):
+    send, mean = ((kernels.send_signs, kernels.mean_of_signs) if implementation == "cpu" else
+                  (torch_send_signs, kernels._mean_of_signs_torch))
+    codes, counts, scales, _, sent = sign_payloads(send)
+    assert codes.dtype == torch.uint8 and codes.shape[1] == 2          # 2 bytes per code
+    assert counts.tolist() == [5 + 2 + 27, 0, 2]         # 0 codes bridge the two long gaps
+    assert_near(scales, torch.tensor([3.0, 0.0, 0.375]), 1e-7)
+    assert torch.equal(sent[0][[0, 5]], torch.tensor([-3.0, 3.0]))       # sign × the rank's scale
+    assert_near(mean(codes, counts, scales, sent[0].numel()), sum(sent) / 3, 1e-7)
+
+
+def test_cpu_sign_codes_equal_the_torch_ops():
+    cpu, reference = sign_payloads(kernels.send_signs), sign_payloads(torch_send_signs)
+    for got, expected in zip(cpu[:3], reference[:3]):
+        assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(cpu[3], reference[3]))   # residues after sending
+    codes, counts, scales = cpu[:3]
+    assert torch.equal(kernels.mean_of_signs(codes, counts, scales, 10**6 + 1),
+                       kernels._mean_of_signs_torch(codes, counts, scales, 10**6 + 1))
+
+
+def test_cpu_take_and_scatter_equal_the_torch_ops():
+    """Exact values: taking zeroes the residue, and the scatter adds duplicates across ranks in
+    rank order, bit for bit as `index_put_(accumulate=True)` does."""
+    gen = torch.Generator().manual_seed(5)
+    flat = torch.randn(50_000, generator=gen)
+    indices = torch.randperm(50_000, generator=gen)[:4000]
+    reference = flat.clone()
+    assert torch.equal(kernels.take_sent(flat, indices), kernels._take_sent_torch(reference, indices))
+    assert torch.equal(flat, reference) and not flat[indices].any()
+    values = torch.randn(3 * 4000, generator=gen)
+    gathered = torch.cat([indices, indices.flip(0), indices[:4000]]).to(torch.int32)   # 3 ranks, duplicates
+    assert torch.equal(kernels.scatter_mean(values, gathered, 3, 50_000),
+                       kernels._scatter_mean_torch(values, gathered, 3, 50_000))
+
+
+def test_corrupt_sparse_payloads_are_refused_not_written_out_of_bounds():
+    with pytest.raises(RuntimeError, match="beyond the tensor"):
+        kernels.scatter_mean(torch.ones(2), torch.tensor([3, 10], dtype=torch.int32), 1, 10)
+    codes = torch.tensor([3, 9], dtype=torch.int16).view(torch.uint8).view(-1, 2)
+    with pytest.raises(RuntimeError, match="beyond the tensor"):
+        kernels.mean_of_signs(codes, torch.tensor([2], dtype=torch.int32), torch.ones(1), 10)
+    with pytest.raises(RuntimeError, match="2 codes where the counts say 3"):
+        kernels.mean_of_signs(codes, torch.tensor([1, 2], dtype=torch.int32), torch.ones(2), 10)
 
 
 def test_adacomp_per_rank_scales_are_expanded_over_their_own_entries():
@@ -207,14 +267,6 @@ def test_adacomp_per_rank_scales_are_expanded_over_their_own_entries():
     assert torch.equal(out[0], expected)
 
 
-def heavy_tailed_grads(shape, steps: int, seed: int = 0):
-    """Gradient-like data: Gaussian noise times a fixed per-weight magnitude e^N(0,1), as real
-    layers have quiet and busy weights side by side."""
-    gen = torch.Generator().manual_seed(seed)
-    magnitude = torch.exp(torch.randn(shape, generator=gen))
-    return [magnitude * torch.randn(shape, generator=gen) for _ in range(steps)]
-
-
 @pytest.mark.parametrize(("shape", "gaussian_min", "heavy_min"), [
     ((32, 32, 3, 3), 15, 40),    # conv: bins of 50
     ((256, 256), 100, 200),       # fc: bins of 500
@@ -226,7 +278,7 @@ def test_adacomp_wire_ratio(shape, gaussian_min, heavy_min):
     268×); on i.i.d. Gaussian noise the same rule sends more entries per bin (18× and 126×)."""
     gen = torch.Generator().manual_seed(0)
     for data, bound in (([torch.randn(shape, generator=gen) for _ in range(40)], gaussian_min),
-                        (heavy_tailed_grads(shape, 40), heavy_min)):
+                        (heavy_tailed_grads(shape, 40, torch.Generator().manual_seed(0)), heavy_min)):
         state, wire = ParamState("w"), []
         for g in data:
             rounds: list[list[Collective]] = []

@@ -6,7 +6,7 @@ reaches the bin's largest |G| is sent. The latest gradient thus gets a push: ent
 large and still growing go first, and how many go is set by the data, not by a global ratio.
 Quantised, an entry is sent as sign(G) × one per-layer scale (mean |G| of the sent
 entries), and the sign rides in the position code (a signed 16-bit gap to the previous sent
-entry, see `sparse.encode_signed_gaps`), so each sent entry costs 2 bytes on the wire.
+entry, see `kernels`), so each sent entry costs 2 bytes on the wire.
 Residue = G − what was sent.
 """
 from __future__ import annotations
@@ -37,25 +37,16 @@ class AdaComp(sparse.SparseCompressor):
         """L_T: convolution kernels (3 or more dims) use `conv_bin`, the rest `fc_bin`."""
         return self.conv_bin if len(shape) >= 3 else self.fc_bin
 
-    def select(self, flat: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        return kernels.reaching_bin_max(flat, grad.detach().view(-1), self.bin_length(grad.shape))
-
     def encode(self, grad: torch.Tensor, state: ParamState) -> tuple[list[torch.Tensor], Any]:
+        residue = compensate(grad, state).view(-1)
+        indices, total = kernels.reaching_bin_max(residue, grad.detach().reshape(-1), self.bin_length(grad.shape))
         if not self.quantize:
-            return super().encode(grad, state)
-        flat = compensate(grad, state).view(-1)
-        indices = self.select(flat, grad, state)
-        chosen = flat[indices]
-        negative = chosen < 0
-        scale = chosen.abs().sum() / max(indices.numel(), 1)
-        flat[indices] = chosen - torch.where(negative, -scale, scale)
-        codes = sparse.encode_signed_gaps(indices, negative)
-        return [codes, sparse.count_payload(codes), scale.view(1)], grad
+            return sparse.pack(kernels.take_sent(residue, indices), indices), grad
+        codes, scale = kernels.send_signs(residue, indices, total)
+        return [codes, sparse.count_payload(codes), scale], grad
 
     def decode(self, received: list[torch.Tensor], ctx: Any, state: ParamState) -> torch.Tensor:
         if not self.quantize:
             return super().decode(received, ctx, state)
         codes, counts, scales = received
-        indices, signs = sparse.decode_signed_gaps(codes, counts)
-        values = signs * torch.repeat_interleave(scales, counts, output_size=indices.numel())
-        return like_grad(sparse.scatter_mean(values, indices, counts.numel(), ctx.numel()), ctx)
+        return like_grad(kernels.mean_of_signs(codes, counts, scales, ctx.numel()), ctx)
