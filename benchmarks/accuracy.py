@@ -1,6 +1,7 @@
 """Accuracy parity of every compressor against dense, same seeds and epochs, with measured ratios.
 
-    python benchmarks/accuracy.py [--ranks 4] [--epochs 20] [--seeds 2] [--optimizer sgd|adam] [--methods none adacomp ...]
+    python benchmarks/accuracy.py [--ranks 4] [--epochs 20] [--seeds 2] [--first-seed 0] [--optimizer sgd|adam]
+                                  [--methods none adacomp ...]
 
 Trains the MNIST-1D CNN once per method and seed under `mpirun -np RANKS` and prints one table:
 final validation accuracy (mean over seeds, and per seed), its difference to dense, and the
@@ -70,15 +71,21 @@ def summarise(log_path: Path, kinds: dict[str, str]) -> dict[str, float]:
     compressed = np.array([c != "dense" for c in layers["compressor"]], dtype=bool) & (layers["step"] > warmup)
     for kind in ("conv", "fc"):
         mask = compressed & np.array([kinds.get(n) == kind for n in layers["name"]], dtype=bool)
-        row[kind] = layers["dense_bytes"][mask].sum() / max(layers["wire_bytes"][mask].sum(), 1)
+        row[kind] = layers["dense_bytes"][mask].sum() / layers["wire_bytes"][mask].sum() if mask.any() else np.nan
     return row
+
+
+def ratio_cell(ratio: float) -> str:
+    """A ratio for the table; "–" where no layer of that kind was compressed (all dense)."""
+    return "–" if np.isnan(ratio) else f"{ratio:.1f}×"
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 of every method; accuracies are means")
+    parser.add_argument("--seeds", type=int, default=1, help="run N seeds of every method; accuracies are means")
+    parser.add_argument("--first-seed", type=int, default=0, help="the seeds run are FIRST..FIRST+N-1 (default 0)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     parser.add_argument("--warmup-steps", type=int, default=63,
                         help="compression.warmup_steps: dense steps first (default 63: one epoch, as DGC's warm-up)")
@@ -90,14 +97,14 @@ def main(argv: list[str] | None = None) -> str:
     rows: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ["none"] + [m for m in args.methods if m != "none"]:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 rows.setdefault(method, []).append(summarise(train(method, seed, args.ranks, args.epochs, Path(tmp),
                                                                    settings), kinds))
                 print(f"  {method}, seed {seed}: {100 * rows[method][-1]['val_accuracy']:.2f}%", file=sys.stderr, flush=True)
     dense = [r["val_accuracy"] for r in rows["none"]]
     lines = [f"MNIST-1D CNN, {args.ranks} ranks, {args.epochs} epochs, {args.optimizer} "
              f"({', '.join(OPTIMIZERS[args.optimizer])}), {args.warmup_steps} dense warm-up steps, "
-             f"seeds 0..{args.seeds - 1}; ratio = dense bytes / wire bytes",
+             f"seeds {args.first_seed}..{args.first_seed + args.seeds - 1}; ratio = dense bytes / wire bytes",
              "", "| method | val acc (mean) | per seed | Δ vs dense (pt) | per seed | ratio, whole run | ratio conv "
              "| ratio fc | median step (ms) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
         mean = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
         lines.append(f"| {method} | {100 * mean['val_accuracy']:.2f}% | {' / '.join(f'{100 * a:.2f}' for a in acc)} "
                      f"| {np.mean(delta):+.2f} | {' / '.join(f'{d:+.2f}' for d in delta)} | {mean['ratio']:.1f}× "
-                     f"| {mean['conv']:.1f}× | {mean['fc']:.1f}× | {mean['step_time_ms']:.1f} |")
+                     f"| {ratio_cell(mean['conv'])} | {ratio_cell(mean['fc'])} | {mean['step_time_ms']:.1f} |")
     table = "\n".join(lines)
     print(table)
     return table

@@ -125,6 +125,7 @@ class AdaCompConfig:
 class ThresholdConfig:
     density: float = 0.001
     refresh_every: int = 1000
+    min_entries: int = 8
 
 
 @dataclass
@@ -246,6 +247,7 @@ def _validate(cfg: Config) -> None:
         "compression.adacomp.conv_bin": cfg.compression.adacomp.conv_bin,
         "compression.adacomp.fc_bin": cfg.compression.adacomp.fc_bin,
         "compression.threshold.refresh_every": cfg.compression.threshold.refresh_every,
+        "compression.threshold.min_entries": cfg.compression.threshold.min_entries,
         "batch.growth_factor": cfg.batch.growth_factor, "data.num_samples": cfg.data.num_samples,
     }
     for key, value in positive.items():

@@ -409,6 +409,19 @@ def test_policy_rules_globs_and_bypass():
     assert isinstance(Policy().resolve("x", matrix), NoCompression)
 
 
+def test_threshold_leaves_tensors_it_would_starve_to_the_dense_bypass():
+    """At density 0.001 a tensor must have 8000 entries for 8 of them to go each step."""
+    threshold = Threshold(density=0.001)
+    assert not threshold.applies_to(torch.Size([10, 128]))       # 1.3 entries per step: dense
+    assert threshold.applies_to(torch.Size([128, 320]))          # 41 per step: thresholded
+    assert Threshold(density=0.001, min_entries=1).applies_to(torch.Size([10, 128]))
+    policy = Policy(default=threshold)
+    assert policy.resolve("head.weight", torch.zeros(10, 128)) is None
+    assert "min_entries=8" in describe(policy, [("head.weight", torch.zeros(10, 128))])[0]
+    table = {"compression": {"name": "threshold", "threshold": {"min_entries": 1}}}
+    assert policy_from_config(config_from_dict(table).compression).default.min_entries == 1
+
+
 def test_describe_names_every_parameter_and_why():
     policy = Policy(default=LowRank(), rules={"skip.*": None}, min_numel=100)
     params = [("enc.weight", torch.zeros(64, 48)), ("enc.bias", torch.zeros(64)),
@@ -417,7 +430,7 @@ def test_describe_names_every_parameter_and_why():
     assert len(lines) == 4 and all(line.startswith(name) for line, (name, _) in zip(lines, params))
     assert "LowRank(rank=4" in lines[0] and "(64, 48)" in lines[0]
     assert "bypass: small" in lines[1]
-    assert "lowrank does not apply" in lines[2]
+    assert "LowRank(rank=4" in lines[2] and "does not apply" in lines[2]
     assert lines[3].rstrip().endswith("dense")
 
 

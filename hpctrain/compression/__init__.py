@@ -29,7 +29,8 @@ _BUILDERS: dict[str, Callable[[CompressionConfig], Compressor | None]] = {
     "topk": lambda cfg: TopK(ratio=cfg.topk.ratio),
     "adacomp": lambda cfg: AdaComp(conv_bin=cfg.adacomp.conv_bin, fc_bin=cfg.adacomp.fc_bin,
                                    quantize=cfg.adacomp.quantize),
-    "threshold": lambda cfg: Threshold(density=cfg.threshold.density, refresh_every=cfg.threshold.refresh_every),
+    "threshold": lambda cfg: Threshold(density=cfg.threshold.density, refresh_every=cfg.threshold.refresh_every,
+                                       min_entries=cfg.threshold.min_entries),
     "lowrank": lambda cfg: LowRank(rank=cfg.lowrank.rank, power_iterations=cfg.lowrank.power_iterations,
                                    warm_start=cfg.lowrank.warm_start),
 }

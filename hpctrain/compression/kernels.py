@@ -3,10 +3,11 @@
 In eager PyTorch each of these is several passes over the tensor, and on the CPU the ones that
 index (`t[indices]`, `index_put_`, a bool compare + `nonzero`) cost 10–20 ns per entry, many
 times a copy. On the CPU each is therefore one numba-compiled loop that reads what it needs once
-(a selection bin by bin, while the bin is in cache) and writes its result directly; on GPUs the
-torch ops are fast and run as they are (`_*_torch`, also the reference the CPU loops are tested
-against). Both give the same results: the same sorted int64 indices, the same codes, and
-scatters that add in the same order (rank by rank), so replicas stay bit-identical.
+(a selection block by block of whole bins, while they are in cache) and writes its result
+directly; on GPUs the torch ops are fast and run as they are (`_*_torch`, also the reference
+the CPU loops are tested against). Both give the same results: the same sorted int64 indices,
+the same codes, and scatters that add in the same order (rank by rank), so replicas stay
+bit-identical.
 
 Compiled on first use and cached on disk (numba's `cache=True`, written atomically, next to this
 file or where NUMBA_CACHE_DIR points), so only the first process on a machine pays the few

@@ -71,7 +71,7 @@ def describe(policy: Policy, named_parameters: Iterable[tuple[str, torch.Tensor]
         if reason == "small":
             what = f"dense (bypass: small, numel < {policy.min_numel})"
         elif reason == "shape":
-            what = f"dense (bypass: {policy.choose(name).name} does not apply to this shape)"
+            what = f"dense (bypass: {policy.choose(name)!r} does not apply to this shape)"
         else:
             compressor = policy.choose(name)
             what = repr(compressor) if compressor is not None else "dense"
