@@ -69,7 +69,8 @@ def gradient_pool(numel: int, data: str, generator: torch.Generator, device: tor
     shape = (numel // COLUMNS, COLUMNS)
     pool = (heavy_tailed_grads(shape, 4, generator) if data == "gradient-like" else
             [torch.randn(shape, generator=generator) for _ in range(4)])
-    return [g.to(device) for g in pool] + [-g.to(device) for g in pool]
+    pool = [g.to(device) for g in pool]
+    return pool + [-g for g in pool]
 
 
 def random_clone(pool: list[torch.Tensor]) -> Callable[[], None]:
