@@ -8,7 +8,7 @@ machine's speed nor on how busy it is.
 The error-feedback state carries over between timed calls (steady state, as in training, after
 20 untimed steps); each step's gradient (and each cloned tensor) is one of four fixed tensors
 with a random sign, so residuals random-walk. Two kinds of data: `noise`, i.i.d. Gaussian, the
-worst case for the sparse codecs (AdaComp sends 4–15% of it), and `gradient-like`, the same
+worst case for the sparse codecs (AdaComp sends 3–11% of it), and `gradient-like`, the same
 times a fixed per-weight magnitude e^N(0,1), from which AdaComp sends about what it sends in
 training. The wire ratio is dense fp32 bytes over the bytes of the payloads handed to the
 network, over the timed steps.

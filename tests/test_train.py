@@ -123,7 +123,8 @@ def test_missing_data_file_on_one_rank_aborts_all(tmp_path):
 
 
 def test_killed_run_leaves_a_readable_log_and_an_intact_checkpoint(tmp_path):
-    proc = subprocess.Popen(HPCTRAIN + _train_args(tmp_path, "train.epochs=500", "checkpoint.every_steps=7"),
+    proc = subprocess.Popen(HPCTRAIN + _train_args(tmp_path, "train.epochs=500", "checkpoint.every_steps=7",
+                                                   "checkpoint.every_epochs=0"),     # only step checkpoints
                             cwd=REPO, env=_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log_path = tmp_path / "digits" / "log.h5"
     deadline = time.monotonic() + 90

@@ -4,10 +4,17 @@ Per layer: G = residue + gradient and H = G + gradient. G is cut into bins of L_
 (`conv_bin` for convolution kernels, `fc_bin` otherwise); in every bin each entry whose |H|
 reaches the bin's largest |G| is sent. The latest gradient thus gets a push: entries that are
 large and still growing go first, and how many go is set by the data, not by a global ratio.
-Quantised, an entry is sent as sign(G) × one per-layer scale (mean |G| of the sent
-entries), and the sign rides in the position code (a signed 16-bit gap to the previous sent
-entry, see `kernels`), so each sent entry costs 2 bytes on the wire.
-Residue = G − what was sent.
+Quantised, an entry is sent as sign(G) × one per-layer scale, the mean over the layer's bins
+(those not all zero) of their largest |G|, and the sign rides in the position code (a signed
+16-bit gap to the previous sent entry, see `kernels`), so each sent entry costs 2 bytes on the
+wire. Residue = G − what was sent.
+
+The scale is the bar an entry had to reach to be sent (its bin's largest |G|), averaged over
+the layer, so a sent entry moves by about what its bin's peak holds and error feedback takes
+any overshoot back next step. Measured on the MNIST-1D CNN over sixteen seeds (README): −0.23 pt
+from dense, against −0.48 pt with the mean |G| of the sent entries as the scale, which the
+small entries that H pushed over the bar pull down. All-zero bins (dead units) are left out of
+the mean instead of diluting it.
 """
 from __future__ import annotations
 
@@ -39,10 +46,10 @@ class AdaComp(sparse.SparseCompressor):
 
     def encode(self, grad: torch.Tensor, state: ParamState) -> tuple[list[torch.Tensor], Any]:
         residue = compensate(grad, state).view(-1)
-        indices, total = kernels.reaching_bin_max(residue, grad.detach().reshape(-1), self.bin_length(grad.shape))
+        indices, scale = kernels.reaching_bin_max(residue, grad.detach().reshape(-1), self.bin_length(grad.shape))
         if not self.quantize:
             return sparse.pack(kernels.take_sent(residue, indices), indices), grad
-        codes, scale = kernels.send_signs(residue, indices, total)
+        codes, scale = kernels.send_signs(residue, indices, scale)
         return [codes, sparse.count_payload(codes), scale], grad
 
     def decode(self, received: list[torch.Tensor], ctx: Any, state: ParamState) -> torch.Tensor:

@@ -24,8 +24,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba.extending import intrinsic
 
 FLOOR = float(torch.finfo(torch.float32).tiny)   # bounds are floored here: exact zeros are never sent
+FLOOR_BITS = np.float32(FLOOR).view(np.int32)
 GAP_LIMIT = torch.iinfo(torch.int16).max         # the longest gap one 16-bit code can jump
 BLOCK = 512                                      # AdaComp's CPU selection works on blocks of whole bins this long
 
@@ -33,17 +36,15 @@ BLOCK = 512                                      # AdaComp's CPU selection works
 # -- selections: which entries of gradient + residual are sent -------------------------------
 def reaching_bin_max(residue: torch.Tensor, grad: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor | float]:
     """AdaComp's rule: indices of the entries with |residue + grad| >= the largest |residue|
-    of their bin of `length` entries (the last bin may be shorter), and the sum of |residue|
-    over them. Both flat, fp32 residue."""
+    of their bin of `length` entries (the last bin may be shorter), and the mean of that
+    largest |residue| over the bins not all zero (AdaComp's quantisation scale). Flat, fp32."""
     if residue.device.type != "cpu":
-        indices = _reaching_bin_max_torch(residue, grad, length)
-        return indices, residue[indices].abs().sum()
+        return _reaching_bin_max_torch(residue, grad, length)
     out = np.empty(residue.numel(), dtype=np.int64)
     block = length * -(-BLOCK // length)
-    hits = np.empty(-(-block // 8) * 8, dtype=np.uint8)
-    count, total = _reaching_bin_max_cpu(residue.numpy(), _fp32_numpy(grad), length, block, np.float32(FLOOR),
-                                         out, hits)
-    return torch.from_numpy(out[:count].copy()), total
+    hits = np.empty(-(-block // 64) * 64, dtype=np.uint8)
+    count, scale = _reaching_bin_max_cpu(residue.numpy(), _fp32_numpy(grad), length, block, FLOOR_BITS, out, hits)
+    return torch.from_numpy(out[:count].copy()), scale
 
 
 def at_least(values: torch.Tensor, bound: torch.Tensor | float) -> torch.Tensor:
@@ -77,11 +78,9 @@ def scatter_mean(values: torch.Tensor, indices: torch.Tensor, world: int, numel:
 
 
 # -- signs: sent as 16-bit gap codes, one fp32 scale per rank --------------------------------
-def send_signs(residue: torch.Tensor, indices: torch.Tensor, total: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Send the selected entries of the error-feedback buffer as sign × one scale, the mean of
-    their magnitudes (`total` / their number); subtract that from them there.
-    → (uint8 [n, 2] gap codes, fp32 scale [1])."""
-    scale = total / max(indices.numel(), 1)
+def send_signs(residue: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send the selected entries of the error-feedback buffer as sign × `scale`; subtract that
+    from them there. → (uint8 [n, 2] gap codes, fp32 scale [1])."""
     if residue.device.type != "cpu":
         return _send_signs_torch(residue, indices, scale)
     scale = np.float32(scale)
@@ -114,14 +113,16 @@ def _fp32_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 # -- torch ops: GPUs, and the reference for the CPU loops ------------------------------------
-def _reaching_bin_max_torch(residue: torch.Tensor, grad: torch.Tensor, length: int) -> torch.Tensor:
+def _reaching_bin_max_torch(residue: torch.Tensor, grad: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     numel = residue.numel()
     scratch = residue.new_zeros(-(-numel // length) * length)          # whole bins, zero-padded
     bins = scratch.view(-1, length)
     torch.abs(residue, out=scratch[:numel])
     bin_max = bins.amax(dim=1, keepdim=True).clamp_min_(FLOOR)         # max |G| per bin
     torch.add(residue, grad.reshape(-1).to(residue.dtype), out=scratch[:numel])
-    return (bins.abs_() >= bin_max).view(-1).nonzero().squeeze(1)      # |H| >= max |G|
+    nonzero = bin_max > FLOOR
+    scale = (bin_max * nonzero).sum() / nonzero.sum().clamp_min(1)
+    return (bins.abs_() >= bin_max).view(-1).nonzero().squeeze(1), scale  # |H| >= max |G|
 
 
 def _take_sent_torch(flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -166,61 +167,63 @@ def _mean_of_signs_torch(codes: torch.Tensor, counts: torch.Tensor, scales: torc
 # Bins are indexed through slices starting at 0, which lets LLVM drop the negative-index checks
 # (~1.6× faster than indexing the whole array at start + i).
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _reaching_bin_max_cpu(residue: np.ndarray, grad: np.ndarray, length: int, block: int, floor: np.float32,
+def _reaching_bin_max_cpu(residue: np.ndarray, grad: np.ndarray, length: int, block: int, floor_bits: np.int32,
                           out: np.ndarray, hits: np.ndarray) -> tuple[int, float]:
     """Block by block of whole bins, while it is in cache: each bin's max and its hits (a byte
-    mask, in loops LLVM vectorises), then the block's hits to indices, then the sum of what goes.
+    mask), then the block's hits to indices. Also the mean max of the bins not all zero.
 
-    Turning hits into indices with a branch per entry would mispredict at the 2–15% that bins of
-    gradient noise send (2.4 ms per 1M entries in bins of 50, against 0.9 ms without). So where
-    many hit, every index is written and the count advances by the hit (branch-free), and where
-    few do (real gradients send 0.25–5%), 8-entry words of the mask without a hit are skipped:
-    1.2–2.2× faster than branch-free alone, measured from 0.25% to 30%."""
-    count, total = 0, 0.0
+    Both per-bin loops are ones LLVM vectorises: the max |residue| as the max of the bit
+    patterns with the sign bit cleared (they order as the magnitudes do; a float max is not
+    associative to LLVM, 1.8× slower), and the mask alone (a running count kept it scalar, 2.3×
+    slower). A branch per entry to turn hits into indices would mispredict at the 2–15% that
+    bins send; instead each 64 mask bytes are packed into one bit mask (a multiply per 8 bytes)
+    and its set bits found by counting trailing zeros, one step per hit: faster than a
+    branch-free pass over every entry from 0.25% up to ~50% hits, measured."""
+    count, max_sum, nonzero = 0, 0.0, 0
     words = hits.view(np.uint64)
+    magnitudes = residue.view(np.int32)
+    bin_max = np.empty(1, dtype=np.float32)
+    bin_max_bits = bin_max.view(np.int32)
     for block_start in range(0, residue.size, block):
         size = min(block, residue.size - block_start)
-        in_block = 0
         for start in range(block_start, block_start + size, length):
             end = min(start + length, block_start + size)
-            bin_residue, bin_grad = residue[start:end], grad[start:end]
-            bin_max = _abs_max(bin_residue, floor)
-            bin_hits = hits[start - block_start:]
+            bin_max_bits[0] = _largest_magnitude(magnitudes[start:end], floor_bits)
+            top = bin_max[0]
+            if bin_max_bits[0] > floor_bits:
+                max_sum += top
+                nonzero += 1
+            bin_residue, bin_grad, bin_hits = residue[start:end], grad[start:end], hits[start - block_start:]
             for i in range(bin_residue.size):
-                hit = abs(bin_residue[i] + bin_grad[i]) >= bin_max
-                bin_hits[i] = hit
-                in_block += hit
-        first = count
-        if in_block * 32 > size:
-            for i in range(size):
-                out[count] = block_start + i
-                count += hits[i]
-        elif in_block:
-            hits[size:words.size * 8] = 0             # a ragged block's last word
-            for word in range(-(-size // 8)):
-                if words[word]:
-                    for i in range(8 * word, 8 * word + 8):
-                        out[count] = block_start + i      # stays below residue.size: not all hit
-                        count += hits[i]
-        for j in range(first, count):
-            total += abs(residue[out[j]])
-    return count, total
+                bin_hits[i] = abs(bin_residue[i] + bin_grad[i]) >= top
+        n_masks = -(-size // 64)
+        hits[size:n_masks * 64] = 0                       # a ragged block's last mask
+        for chunk in range(n_masks):
+            mask = np.uint64(0)
+            for k in range(8):                            # 8 bytes of 0/1 → their 8 bits in the top byte
+                mask |= ((words[8 * chunk + k] * np.uint64(0x0102040810204080)) >> np.uint64(56)) << np.uint64(8 * k)
+            while mask:
+                out[count] = block_start + 64 * chunk + _trailing_zeros(mask)
+                count += 1
+                mask &= mask - np.uint64(1)
+    return count, max_sum / max(nonzero, 1)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
-def _abs_max(values: np.ndarray, floor: np.float32) -> np.float32:
-    """max(floor, max |values|) with eight running maxima: one would chain every entry to the
-    last through the max's latency (LLVM may not reorder float max), ~4× slower."""
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = floor
-    end = values.size - values.size % 8
-    for j in range(0, end, 8):
-        m0, m1 = max(m0, abs(values[j])), max(m1, abs(values[j + 1]))
-        m2, m3 = max(m2, abs(values[j + 2])), max(m3, abs(values[j + 3]))
-        m4, m5 = max(m4, abs(values[j + 4])), max(m5, abs(values[j + 5]))
-        m6, m7 = max(m6, abs(values[j + 6])), max(m7, abs(values[j + 7]))
-    for j in range(end, values.size):
-        m0 = max(m0, abs(values[j]))
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+def _largest_magnitude(bits: np.ndarray, floor_bits: np.int32) -> np.int32:
+    """The bit pattern of max(floor, max |values|), from the values' bits."""
+    largest = floor_bits
+    for j in range(bits.size):
+        largest = max(largest, bits[j] & np.int32(0x7FFFFFFF))
+    return largest
+
+
+@intrinsic
+def _trailing_zeros(typingctx, word):
+    """LLVM's cttz for a nonzero integer (one instruction: tzcnt/bsf)."""
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+    return word(word), codegen
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
