@@ -133,7 +133,7 @@ def test_compensate_never_writes_into_the_gradient():
 def test_cpu_bin_max_kernel_equals_the_torch_ops(length, grad_dtype, grad_scale):
     """numba's selection and the GPU path's torch ops pick the same indices: ragged last bin and
     block, an all-zero bin (nothing sent), ties with the bin maximum (sent), with many entries
-    per block sent (the branch-free path) and few (the word-skipping path)."""
+    per 64-entry mask sent and few."""
     gen = torch.Generator().manual_seed(length)
     residue = torch.randn(10_000 + 3, generator=gen)
     residue[:length] = 0

@@ -182,7 +182,7 @@ def _reaching_bin_max_cpu(residue: np.ndarray, grad: np.ndarray, length: int, bl
     count, max_sum, nonzero = 0, 0.0, 0
     words = hits.view(np.uint64)
     magnitudes = residue.view(np.int32)
-    bin_max = np.empty(1, dtype=np.float32)
+    bin_max = np.empty(1, dtype=np.float32)          # a bin max's bits, read back as fp32
     bin_max_bits = bin_max.view(np.int32)
     for block_start in range(0, residue.size, block):
         size = min(block, residue.size - block_start)
