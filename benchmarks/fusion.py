@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import netns  # noqa: E402
-from hpctrain import dist  # noqa: E402
+from hpctrain import comm  # noqa: E402
 from hpctrain.cli import run_guarded  # noqa: E402
 from hpctrain.compression import build_compressor  # noqa: E402
 from hpctrain.config import CompressionConfig  # noqa: E402
@@ -70,21 +70,21 @@ def timed(step: Callable[[], None], steps: int, device: torch.device,
           finish: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """Per step: seconds on the slowest rank (every rank starts together), and CPU seconds used
     by all ranks together (every thread: Horovod's and MPI's too)."""
-    dist.barrier()
+    comm.get().barrier()
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     finish()
     sync(device)
     mine = ((time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps)
-    everyone = dist.allgather_object(mine, name="fusion.time")
+    everyone = comm.get().allgather_object(mine, name="fusion.time")
     return max(wall for wall, _ in everyone), sum(cpu for _, cpu in everyone)
 
 
 def worker(args: argparse.Namespace) -> None:
-    dist.init()
-    device = dist.pick_device(args.device)
-    g = torch.Generator().manual_seed(dist.rank())
+    comm.init()
+    device = comm.pick_device(args.device)
+    g = torch.Generator().manual_seed(comm.rank())
     x = torch.randn(args.batch, INPUTS, generator=g).to(device)
     y = torch.randint(0, CLASSES, (args.batch,), generator=g).to(device)
     models, optimizers, steps = {}, {}, {}
@@ -118,11 +118,11 @@ def worker(args: argparse.Namespace) -> None:
     compute_alone = statistics.median(timed(compute, args.steps, device)[0] for _ in range(args.rounds))
     update_alone = statistics.median(timed(plain.step, args.steps, device)[0] for _ in range(args.rounds))
 
-    if dist.is_root():
+    if comm.is_root():
         params = sum(p.numel() for p in model.parameters())
         threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
         link = f"link {args.rate}" if args.rate else "shared-memory link"
-        print(f"{dist.size()} ranks on {device} ({threads} thread(s) each, {link}), "
+        print(f"{comm.size()} ranks on {device} ({threads} thread(s) each, {link}), "
               f"MLP {INPUTS}-{args.width}x{args.depth}-{CLASSES} "
               f"({params / 1e6:.1f}M params), batch {args.batch} per rank, Adam, compression {args.compression}; "
               f"{args.rounds} rounds x {args.steps} steps per mode; load average {os.getloadavg()[0]:.1f}\n")

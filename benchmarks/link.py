@@ -100,20 +100,20 @@ def probe_main(megabytes: float, repeats: int) -> None:
     """Each rank: time `repeats` Horovod allreduces of `megabytes` MB; rank 0 prints one JSON line."""
     import torch
 
-    from hpctrain import dist
+    from hpctrain import comm
 
-    dist.init()
+    comm.init()
     tensor = torch.ones(int(megabytes * 2**20) // 4)
-    dist.synchronize(dist.allreduce_async(tensor, name="probe"))       # connections up, negotiation cached
+    dist.synchronize(comm.get().allreduce_async(tensor, name="probe"))       # connections up, negotiation cached
     times = []
     for _ in range(repeats):
-        dist.barrier()
+        comm.get().barrier()
         start = time.perf_counter()
-        dist.synchronize(dist.allreduce_async(tensor, name="probe"))
+        dist.synchronize(comm.get().allreduce_async(tensor, name="probe"))
         times.append(time.perf_counter() - start)
-    if dist.is_root():
+    if comm.is_root():
         print("PROBE " + json.dumps({"bytes": tensor.numel() * 4, "seconds": float(np.median(times)),
-                                     "ranks": dist.size()}), flush=True)
+                                     "ranks": comm.size()}), flush=True)
 
 
 @dataclass

@@ -32,20 +32,20 @@ def _usage() -> str:
 
 def run_guarded(func: Callable[[], int | None]) -> int:
     """Run a command; a UserError becomes one line, and in a multi-rank job any error aborts all ranks."""
-    from hpctrain import dist
+    from hpctrain import comm
 
     try:
         return func() or 0
     except UserError as exc:
-        dist.abort(str(exc), code=2)
+        comm.abort(str(exc), code=2)
     except KeyboardInterrupt:
-        dist.abort("interrupted", code=130)
+        comm.abort("interrupted", code=130)
     except BrokenPipeError:          # `hpctrain ... | head` closed our stdout: not an error
         sys.stderr.close()
         return 0
     except Exception:
         traceback.print_exc()
-        dist.abort("unexpected error (traceback above); please report it", code=1)
+        comm.abort("unexpected error (traceback above); please report it", code=1)
     return 1  # not reached: abort exits
 
 

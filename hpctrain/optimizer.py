@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from hpctrain import dist
+from hpctrain import comm
 from hpctrain.compression.base import Collective, Compressor, Exchange, ParamState
 from hpctrain.compression.policy import DENSE, Policy, as_policy
 from hpctrain.errors import UserError
@@ -188,8 +188,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _launch(self, item: _InFlight) -> None:
         name = self._names[item.param]
-        launch = dist.allgather_async if item.request.kind == "allgather" else dist.allreduce_async
-        payloads = [dist.sendable(t) for t in item.request.payloads]
+        launch = comm.get().allgather_async if item.request.kind == "allgather" else comm.get().allreduce_async
+        payloads = [comm.get().sendable(t) for t in item.request.payloads]
         item.handles = [launch(t, name=f"{name}.{item.round}.{i}") for i, t in enumerate(payloads)]
         self._count_wire(item.param, _nbytes(payloads))
         self._inflight[item.param] = item
@@ -261,11 +261,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._exchange(p)
         if self._bypass_due:
             self._bypass_due = False
-            sent = [dist.sendable(p.grad) for p in self._bypass]
+            sent = [comm.get().sendable(p.grad) for p in self._bypass]
             for p, tensor in zip(self._bypass, sent):
                 self._count_wire(p, _nbytes([tensor]))
             name = f"{self._names[self._bypass[0]]}.bypass"      # unique as long as parameter names are
-            self._bypass_handle = dist.grouped_allreduce_async(sent, name=name)
+            self._bypass_handle = comm.get().grouped_allreduce_async(sent, name=name)
 
     def _finish_bypass(self) -> list[torch.Tensor]:
         averaged = dist.synchronize(self._bypass_handle)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hpctrain import __version__, checkpoint, dist
+from hpctrain import __version__, checkpoint, comm
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats
 from hpctrain.compression import describe, policy_from_config
 from hpctrain.config import Config, check_world_size, load_config
@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)      # every rank validates before any work starts
     _apply_horovod_env(cfg)
-    dist.init()
-    check_world_size(cfg, dist.size())
+    comm.init()
+    check_world_size(cfg, comm.size())
     Trainer(cfg).fit(resume=args.resume)
     return 0
 
@@ -102,9 +102,9 @@ class Progress:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.rank, self.world = dist.rank(), dist.size()
+        self.rank, self.world = comm.rank(), comm.size()
         self.root = self.rank == 0
-        self.device = dist.pick_device(cfg.train.device)
+        self.device = comm.pick_device(cfg.train.device)
         seed_everything(cfg.run.seed)
         self.splits = load_splits(cfg.data, cfg.run.seed)
         self.model = build_model(cfg.model.name, self.splits.input_shape, self.splits.num_classes,
@@ -135,7 +135,7 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
     def _resume(self, path) -> None:
         state = checkpoint.load(path) if self.root else None
-        state = dist.broadcast_object(state, name="resume")
+        state = comm.get().broadcast_object(state, name="resume")
         if state["world_size"] != self.world and any(s["residual"] is not None
                                                      for s in state["compression"][0].values()):
             raise UserError(f"checkpoint {path} was written by {state['world_size']} ranks and holds per-rank "
@@ -150,7 +150,7 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def _save(self) -> None:
-        compression = dist.allgather_object(self.optimizer.compression_state_dict(), name="ckpt.compression")
+        compression = comm.get().allgather_object(self.optimizer.compression_state_dict(), name="ckpt.compression")
         if not self.root:
             return
         checkpoint.save({
@@ -174,7 +174,7 @@ class Trainer:
         if path is not None:
             self._resume(path)
         else:
-            dist.broadcast_parameters(self.model.state_dict())
+            comm.broadcast_parameters(self.model.state_dict())
             if self.root:       # a fresh run owns its directory: stale checkpoints would mislead --resume
                 for stale in checkpoint.list_checkpoints(self.cfg.run_dir):
                     stale.unlink()
@@ -263,7 +263,7 @@ class Trainer:
             loss_sum += value * len(micro)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        (mean_loss,) = dist.allreduce_scalars([loss_sum / len(local)], name="loss")
+        (mean_loss,) = comm.get().allreduce_scalars([loss_sum / len(local)], name="loss")
         return mean_loss
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
@@ -325,7 +325,7 @@ class Trainer:
             logits = self.model(x)
             loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += float((logits.argmax(1) == y).sum())
-        loss_sum, correct = dist.allreduce_scalars([loss_sum, correct], name="eval", average=False)
+        loss_sum, correct = comm.get().allreduce_scalars([loss_sum, correct], name="eval", average=False)
         val_loss, val_acc = loss_sum / len(val), correct / len(val)
         if self.root:
             if self.log is not None:

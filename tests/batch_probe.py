@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from hpctrain import dist
+from hpctrain import comm
 from hpctrain.config import check_world_size, load_config
 from hpctrain.train import Trainer, add_arguments
 
@@ -21,8 +21,8 @@ def main() -> None:
     add_arguments(parser)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    dist.init()
-    check_world_size(cfg, dist.size())
+    comm.init()
+    check_world_size(cfg, comm.size())
     trainer = Trainer(cfg)
     records: list[dict] = []
     train_step = trainer._step
@@ -37,8 +37,8 @@ def main() -> None:
 
     trainer._step = recording_step
     trainer.fit(resume=args.resume)
-    every_rank = dist.allgather_object(records, name="probe")
-    if dist.is_root():
+    every_rank = comm.get().allgather_object(records, name="probe")
+    if comm.is_root():
         with open(out, "w") as f:
             json.dump(every_rank, f)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpctrain import dist
+from hpctrain import comm
 from hpctrain.compression import NoCompression, Policy, TopK
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
@@ -21,7 +21,7 @@ from tests.mpi_workers.optimizer_checks import FUSIONS, OPTIMIZERS, train
 
 @pytest.fixture(scope="module", autouse=True)
 def horovod():
-    dist.init()
+    comm.init()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # tiny tensors: more threads only spin against each other
     yield

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hpctrain import dist
+from hpctrain import comm
 from hpctrain.batch.gns import NoiseScaleEstimator, unbiased_estimates
 from hpctrain.batch.policies import Grow, Observation, build_policy
 from hpctrain.errors import UserError
@@ -135,18 +135,18 @@ class BatchOrchestrator:
         if self.needs_grad_norms:
             estimates = unbiased_estimates(stats.local_sqnorm, stats.global_sqnorm,
                                            stats.local_samples, stats.global_samples)
-            grad_sqnorm, trace = dist.allreduce_scalars(list(estimates), name="hpctrain.batch.gns")
+            grad_sqnorm, trace = comm.get().allreduce_scalars(list(estimates), name="hpctrain.batch.gns")
             self.estimator.update(grad_sqnorm, trace)
 
     def _decide(self, obs: Observation) -> BatchDecision | None:
         """Rank 0 asks the policy; its answer (and the policy's state) reaches every rank."""
         decision, policy_state = None, None
-        if dist.is_root():
+        if comm.is_root():
             grow = self.policy.decide(obs)
             if grow is not None:
                 decision = self.plan(obs.step, grow)
             policy_state = self.policy.state_dict()
-        decision, policy_state = dist.broadcast_object((decision, policy_state), name="hpctrain.batch.decision")
+        decision, policy_state = comm.get().broadcast_object((decision, policy_state), name="hpctrain.batch.decision")
         self.policy.load_state_dict(policy_state)
         if decision is not None:
             self.apply(decision)

@@ -178,7 +178,7 @@ def short_run(cfg, splits, device: torch.device, epochs: int, seed: int, rank: i
     """Train from scratch (initialised and shuffled by `seed`) for `epochs` on the train split, taking
     the same steps for any world size, and record whether each sample was classified correctly when
     it was trained on."""
-    from hpctrain import dist
+    from hpctrain import comm
     from hpctrain.models import build_model
 
     torch.manual_seed(seed)
@@ -206,14 +206,14 @@ def short_run(cfg, splits, device: torch.device, epochs: int, seed: int, rank: i
                     grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
                     history[epoch, members[lo:hi]] = (logits.argmax(1) == y).cpu().numpy()
                 local = torch.stack(grads) if grads else torch.zeros((0, numel), device=device)
-                every = dist.synchronize(dist.allgather_async(local, name="hpctrain.score.grads"))
+                every = comm.get().allgather_async(local, name="hpctrain.score.grads").wait()
                 flat = every.sum(dim=0) / len(members)     # block order: same sum for any world size
                 for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
                     p.grad = g.view_as(p).clone()
                 optimizer.step()
                 steps += 1
                 bar.update()
-    history = np.logical_or.reduce(dist.allgather_object(history, name="hpctrain.score.history"))
+    history = np.logical_or.reduce(comm.get().allgather_object(history, name="hpctrain.score.history"))
     return Trained(model.eval(), cfg.model.name, steps, history)
 
 
@@ -374,7 +374,7 @@ def run_scores(method: str, trained: Trained | None, scores: dict[str, np.ndarra
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpctrain import __version__, checkpoint, dist
+    from hpctrain import __version__, checkpoint, comm
     from hpctrain.config import config_from_dict, load_config
     from hpctrain.data import load_splits
     from hpctrain.data.shards import manifest_hash
@@ -385,9 +385,9 @@ def run(args: argparse.Namespace) -> int:
     state = checkpoint.load(args.checkpoint) if args.checkpoint else None
     cfg = config_from_dict(state["config"], args.set) if state else load_config(args.config, args.set)
     cfg.data.name = str(args.data)
-    dist.init()
-    rank, size = dist.rank(), dist.size()
-    device = dist.pick_device(cfg.train.device)
+    comm.init()
+    rank, size = comm.rank(), comm.size()
+    device = comm.pick_device(cfg.train.device)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False   # rank-invariant on GPU too
     splits = load_splits(cfg.data, cfg.run.seed)
     train = splits.train
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         trained, model_embed = scoring_model(args, state, cfg, splits, device, seed, rank, size)
         model = trained.model if trained is not None else None
         part = score_blocks(methods, train, blocks, device, model, model_embed, extractor, rank == 0)
-        parts = dist.allgather_object(part, name=f"hpctrain.score.parts.{i}")
+        parts = comm.get().allgather_object(part, name=f"hpctrain.score.parts.{i}")
         if rank == 0:
             run_embedding = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
             if i == 0:

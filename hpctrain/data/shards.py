@@ -500,13 +500,13 @@ def shard(src: str, out: str | Path, shard_size: int = 10000, compression: str =
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
-    from hpctrain import dist
+    from hpctrain import comm
 
     if not args.input or not args.out:
         raise UserError("hpctrain shard needs --input SRC and --out DIR (or `hpctrain shard verify DIR`)")
     manifest = shard(args.input, args.out, args.shard_size, args.compression, args.overwrite, args.labels,
-                     args.num_samples, args.chunk_kib, dist.rank(), dist.size(), dist.barrier,
-                     lambda obj: dist.allgather_object(obj, name="hpctrain.shard.entries"))
+                     args.num_samples, args.chunk_kib, comm.rank(), comm.size(), comm.get().barrier,
+                     lambda obj: comm.get().allgather_object(obj, name="hpctrain.shard.entries"))
     if manifest is not None:
         counts = ", ".join(f"{n} {split}" for split, n in manifest["counts"].items())
         print(f"wrote {len(manifest['shards'])} shards ({counts} samples) and {MANIFEST} to {args.out}")

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hpctrain import dist
+from hpctrain import comm
 from hpctrain.cli import run_guarded
 from hpctrain.compression import FP16, AdaComp, LowRank, NoCompression, Policy, Threshold, TopK, simulate
 from hpctrain.compression.base import Compressor
@@ -59,12 +59,12 @@ class Net(nn.Module):
 
 def make_model(dtype: torch.dtype = torch.float32) -> Net:
     torch.manual_seed(0)                   # the same weights on every rank
-    return Net(dist.rank()).to(dtype)
+    return Net(comm.rank()).to(dtype)
 
 
 def batch(step: int, dtype: torch.dtype = torch.float32, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's data for `step` (different on every rank, so averaging matters)."""
-    g = torch.Generator().manual_seed(1000 * dist.rank() + step)
+    g = torch.Generator().manual_seed(1000 * comm.rank() + step)
     return torch.randn(size, 2, 8, generator=g).to(dtype), torch.randint(0, 4, (size,), generator=g)
 
 
@@ -73,7 +73,7 @@ def loss_of(model: Net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def ok(message: str) -> None:
-    if dist.rank() == 0:
+    if comm.rank() == 0:
         print("ok", message, flush=True)
 
 
@@ -102,15 +102,15 @@ def check_one_step(label: str, model: Net, opt, micro_batches, tolerance: float)
     name_of = {p: n for n, p in params.items()}
     compressor = {name_of[p]: c for p, c in opt._compressor.items()}
     states_before = {name_of[p]: copy.deepcopy(s) for p, s in opt._states.items()}
-    all_grads = dist.allgather_object(local_grads(model, micro_batches), name=f"{label}.grads")
-    all_states = dist.allgather_object(states_before, name=f"{label}.states")
+    all_grads = comm.get().allgather_object(local_grads(model, micro_batches), name=f"{label}.grads")
+    all_states = comm.get().allgather_object(states_before, name=f"{label}.states")
     for x, y in micro_batches:
         loss_of(model, x, y).backward()
     opt.synchronize()
     stats = opt.new_step_stats()
     got = {n: p.grad.detach().clone() for n, p in params.items()}
-    everyone = dist.allgather_object(got, name=f"{label}.got")
-    me = dist.rank()
+    everyone = comm.get().allgather_object(got, name=f"{label}.got")
+    me = comm.rank()
     wire_total = 0
     for name, mine in got.items():
         for r, theirs in enumerate(everyone):
@@ -200,7 +200,7 @@ def fusion_checks() -> None:
             for fusion in ("backward", "forward"):
                 worst = max(float((final[fusion][n] - final["none"][n]).abs().max()) for n in final["none"])
                 assert worst <= 1e-6, f"fusion={fusion} {optimizer} {compression}: {worst:.3g} away from unfused"
-            everyone = dist.allgather_object(final["none"], name="fusion.params")
+            everyone = comm.get().allgather_object(final["none"], name="fusion.params")
             assert all(torch.equal(theirs[n], final["none"][n]) for theirs in everyone for n in final["none"])
             ok(f"fusion {optimizer} compression={compression}: backward and forward == none after 50 steps")
 
@@ -211,7 +211,7 @@ def nan_check() -> None:
     opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
                                compression=Policy(default=TopK(0.05), min_numel=MIN_NUMEL))
     for step in range(5):
-        if step == 2 and dist.rank() == 1:
+        if step == 2 and comm.rank() == 1:
             model.fc1.weight.register_hook(lambda g: g * float("nan"))
         x, y = batch(step)
         loss_of(model, x, y).backward()
@@ -223,5 +223,5 @@ def nan_check() -> None:
 CHECKS = {"exchange": exchange_checks, "fusion": fusion_checks, "nan": nan_check}
 
 if __name__ == "__main__":
-    dist.init()
+    comm.init()
     sys.exit(run_guarded(CHECKS[sys.argv[1]]))

@@ -1,0 +1,78 @@
+"""The communicator interface: what the optimizer, trainer, scoring and batch growth need from
+an engine (Horovod or torch.distributed), and nothing more.
+
+Collectives that carry gradients are asynchronous and return a `Work` (poll with `done()`, get
+the result with `wait()`). Every rank must start the same collectives in the same order:
+torch.distributed matches them by order; Horovod by name, which the names passed here give it.
+Object and scalar collectives block.
+"""
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
+
+if TYPE_CHECKING:        # torch is imported lazily: `hpctrain jobs` must start fast
+    import torch
+
+
+class Work(Protocol):
+    """A collective in flight."""
+
+    def done(self) -> bool:
+        """Whether `wait()` would return at once."""
+
+    def wait(self) -> Any:
+        """Block until complete; the result tensor (or list of tensors for a grouped allreduce)."""
+
+
+class Communicator(abc.ABC):
+    """One engine's collectives. Subclasses set `engine` and `backend` and the rank layout."""
+
+    engine: str          # "horovod" or "torch"
+    backend: str         # the transport under it: "mpi", "gloo", "nccl"
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    @abc.abstractmethod
+    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True) -> Work:
+        """Sum (or mean) over ranks into a new tensor; `tensor` is left as it is."""
+
+    @abc.abstractmethod
+    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> Work:
+        """One fused reduction of several tensors; `wait()` gives the list of results."""
+
+    @abc.abstractmethod
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> Work:
+        """Concatenate along dim 0 in rank order; ranks may contribute different lengths."""
+
+    @abc.abstractmethod
+    def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
+        """Overwrite `tensors` in place with the root's."""
+
+    @abc.abstractmethod
+    def broadcast_object(self, obj: Any, root: int = 0, name: str | None = None) -> Any:
+        """The root's picklable object, on every rank."""
+
+    @abc.abstractmethod
+    def allgather_object(self, obj: Any, name: str | None = None) -> list[Any]:
+        """Every rank's picklable object, in rank order."""
+
+    @abc.abstractmethod
+    def allreduce_scalars(self, values: Sequence[float], name: str, average: bool = True) -> list[float]:
+        """Reduce a few Python floats (statistics, not gradients) in float64."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def sendable(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, or a copy in a dtype the engine can carry (the receiver casts back)."""
+        return tensor
+
+    def shutdown(self) -> None:
+        """Release the engine at exit (every collective has completed)."""
+
+    def describe(self) -> str:
+        return f"{self.engine} ({self.backend})"

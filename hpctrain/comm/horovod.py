@@ -1,0 +1,78 @@
+"""The Horovod engine: the only module that imports horovod.
+
+Horovod runs collectives on its own background thread, matched across ranks by name, and
+fuses small ones (HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from hpctrain.comm.base import Communicator
+
+
+class _Handle:
+    def __init__(self, hvd: Any, handle: int):
+        self._hvd, self._handle = hvd, handle
+
+    def done(self) -> bool:
+        return bool(self._hvd.poll(self._handle))
+
+    def wait(self) -> Any:
+        return self._hvd.synchronize(self._handle)
+
+
+class HorovodCommunicator(Communicator):
+    engine = "horovod"
+
+    def __init__(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.backend = "mpi" if hvd.mpi_enabled() else "gloo"
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+
+    def _op(self, average: bool) -> Any:
+        return self.hvd.Average if average else self.hvd.Sum
+
+    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True) -> _Handle:
+        return _Handle(self.hvd, self.hvd.allreduce_async(tensor, name=name, op=self._op(average)))
+
+    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> _Handle:
+        return _Handle(self.hvd, self.hvd.grouped_allreduce_async_(list(tensors), name=name, op=self._op(average)))
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> _Handle:
+        return _Handle(self.hvd, self.hvd.allgather_async(tensor, name=name))
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
+        handles = [self.hvd.broadcast_async_(t, root_rank=root, name=f"hpctrain.broadcast.{i}")
+                   for i, t in enumerate(tensors)]
+        for handle in handles:
+            self.hvd.synchronize(handle)
+
+    def broadcast_object(self, obj: Any, root: int = 0, name: str | None = None) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=root, name=name)
+
+    def allgather_object(self, obj: Any, name: str | None = None) -> list[Any]:
+        return self.hvd.allgather_object(obj, name=name)
+
+    def allreduce_scalars(self, values: Sequence[float], name: str, average: bool = True) -> list[float]:
+        out = self.hvd.allreduce(torch.tensor(values, dtype=torch.float64), name=name, op=self._op(average))
+        return out.tolist()
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def sendable(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Horovod 0.28 cannot carry bfloat16: such payloads travel as fp32."""
+        return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+
+
+def apply_environment(fusion_threshold_mb: float, cycle_time_ms: float) -> None:
+    """Horovod reads its tuning knobs from the environment at init; a job script's exports win."""
+    os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(fusion_threshold_mb * 1024 * 1024)))
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_time_ms))

@@ -1,0 +1,189 @@
+"""The torch.distributed engine (NCCL on CUDA, RCCL on ROCm, Gloo on CPU): the only module
+that imports torch.distributed for training.
+
+Every collective runs on one background thread, in the order the training thread submitted
+it, so the training thread never blocks on the network (as Horovod's background thread) and
+every rank issues the same collectives in the same order, which torch.distributed requires.
+A variable-length allgather is two collectives on that thread: the lengths, then the payloads
+padded to the longest. With Gloo, CUDA tensors are staged through host memory.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as td
+
+from hpctrain.comm.base import Communicator
+from hpctrain.comm.launcher import Launch
+from hpctrain.errors import UserError
+
+TORCH_BACKENDS = ("auto", "nccl", "gloo")
+
+
+class _Future:
+    """`Work` over a concurrent future: errors on the comm thread surface in `wait()`."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> Any:
+        return self._future.result()
+
+
+def choose_backend(requested: str, local_size: int) -> tuple[str, str | None]:
+    """(backend, why) for `dist.torch_backend`: NCCL where each local rank has its own GPU."""
+    if requested not in TORCH_BACKENDS:
+        raise UserError(f"dist.torch_backend = {requested!r}; choose one of {', '.join(TORCH_BACKENDS)}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "nccl":
+        if not gpus:
+            raise UserError("dist.torch_backend = 'nccl' but no GPU is visible; use 'gloo' or 'auto'")
+        if local_size > gpus:
+            raise UserError(f"dist.torch_backend = 'nccl' with {local_size} ranks on a node with {gpus} GPU(s): NCCL "
+                            "refuses two ranks on one GPU; launch one rank per GPU or use 'gloo'")
+        return "nccl", None
+    if requested == "gloo" or not gpus:
+        return "gloo", None
+    if local_size > gpus:
+        return "gloo", f"{local_size} ranks share {gpus} GPU(s), which NCCL refuses: using Gloo"
+    return "nccl", None
+
+
+def _rendezvous(launch: Launch, timeout: timedelta) -> td.Store:
+    """A TCPStore every rank reaches: the launcher's address, or rank 0's host sent over MPI."""
+    addr, port = launch.master_addr, launch.master_port
+    if addr is None or port is None:
+        if not launch.mpi:
+            raise UserError(f"{launch.launcher} started {launch.size} ranks without a rendezvous address; "
+                            "set MASTER_ADDR and MASTER_PORT")
+        from mpi4py import MPI
+
+        host = "127.0.0.1" if launch.local_size == launch.size else socket.gethostname()
+        store = td.TCPStore(host, port or 0, launch.size, is_master=True, timeout=timeout,
+                            wait_for_workers=False) if launch.rank == 0 else None
+        addr, port = MPI.COMM_WORLD.bcast((addr or host, store.port) if store is not None else None, root=0)
+        if store is not None:
+            return store
+    return td.TCPStore(addr, port, launch.size, is_master=launch.rank == 0, timeout=timeout, wait_for_workers=False)
+
+
+class TorchCommunicator(Communicator):
+    engine = "torch"
+
+    def __init__(self, launch: Launch, torch_backend: str = "auto", timeout_s: float = 600.0):
+        self.rank, self.size = launch.rank, launch.size
+        self.local_rank, self.local_size = launch.local_rank, launch.local_size
+        self.backend, self.note = choose_backend(torch_backend, launch.local_size)
+        self.device = torch.device("cpu")
+        if self.backend == "nccl":
+            self.device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a dead peer ends the job, not a hang
+        timeout = timedelta(seconds=timeout_s)
+        store = td.HashStore() if launch.size == 1 else _rendezvous(launch, timeout)
+        td.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size, timeout=timeout)
+        # One thread: collectives leave in submission order. It must see this rank's GPU as current.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="hpctrain-comm", initializer=self._bind_device)
+        atexit.register(self.shutdown)
+
+    def _bind_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def describe(self) -> str:
+        name = "rccl" if self.backend == "nccl" and torch.version.hip else self.backend
+        return f"torch.distributed ({name})"
+
+    # -- running on the comm thread ----------------------------------------------------
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> _Future:
+        return _Future(self._thread.submit(fn, *args))
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._thread.submit(fn, *args).result()
+
+    def _wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Where the backend reads from: Gloo takes CUDA tensors through host memory."""
+        if self.backend == "gloo" and tensor.is_cuda:
+            return tensor.detach().to("cpu")
+        return tensor.detach()
+
+    def _reduce(self, tensors: list[torch.Tensor], average: bool) -> list[torch.Tensor]:
+        """Sum (or mean) of same-dtype tensors, fused into one flat buffer per dtype."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        for indices in by_dtype.values():
+            flat = torch.cat([self._wire(tensors[i]).reshape(-1) for i in indices]) if len(indices) > 1 \
+                else self._wire(tensors[indices[0]]).reshape(-1).clone()
+            td.all_reduce(flat)
+            if average:
+                flat.mul_(1.0 / self.size)       # as Horovod's Average: sum, then scale by 1/size
+            for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+                out[i] = part.view(tensors[i].shape).to(tensors[i].device)
+        return out
+
+    def _allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        wire = self._wire(tensor)
+        counts = torch.zeros(self.size, dtype=torch.int64, device=wire.device)
+        td.all_gather_into_tensor(counts, torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device))
+        lengths = counts.tolist()
+        longest = max(lengths)
+        if wire.shape[0] < longest:
+            wire = torch.cat([wire, wire.new_zeros((longest - wire.shape[0], *wire.shape[1:]))])
+        gathered = wire.new_empty((self.size * longest, *wire.shape[1:]))
+        td.all_gather_into_tensor(gathered, wire.contiguous())
+        parts = [gathered[r * longest: r * longest + n] for r, n in enumerate(lengths)]
+        return torch.cat(parts).to(tensor.device)
+
+    # -- the interface -----------------------------------------------------------------
+    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True) -> _Future:
+        return self._submit(lambda: self._reduce([tensor], average)[0])
+
+    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> _Future:
+        return self._submit(self._reduce, list(tensors), average)
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> _Future:
+        return self._submit(self._allgather, tensor)
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
+        def broadcast() -> None:
+            for t in tensors:
+                wire = self._wire(t)
+                td.broadcast(wire, src=root)
+                if wire.data_ptr() != t.data_ptr():
+                    with torch.no_grad():
+                        t.copy_(wire)
+        self._run(broadcast)
+
+    def broadcast_object(self, obj: Any, root: int = 0, name: str | None = None) -> Any:
+        box = [obj if self.rank == root else None]
+        self._run(td.broadcast_object_list, box, root)
+        return box[0]
+
+    def allgather_object(self, obj: Any, name: str | None = None) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        self._run(td.all_gather_object, out, obj)
+        return out
+
+    def allreduce_scalars(self, values: Sequence[float], name: str, average: bool = True) -> list[float]:
+        device = self.device if self.backend == "nccl" else torch.device("cpu")
+        (out,) = self._run(self._reduce, [torch.tensor(values, dtype=torch.float64, device=device)], average)
+        return out.tolist()
+
+    def barrier(self) -> None:
+        self._run(td.barrier)
+
+    def shutdown(self) -> None:
+        if td.is_initialized():
+            self._thread.shutdown(wait=True)
+            td.destroy_process_group()
