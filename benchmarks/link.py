@@ -104,12 +104,12 @@ def probe_main(megabytes: float, repeats: int) -> None:
 
     comm.init()
     tensor = torch.ones(int(megabytes * 2**20) // 4)
-    dist.synchronize(comm.get().allreduce_async(tensor, name="probe"))       # connections up, negotiation cached
+    comm.get().allreduce_async(tensor, name="probe").wait()       # connections up, negotiation cached
     times = []
     for _ in range(repeats):
         comm.get().barrier()
         start = time.perf_counter()
-        dist.synchronize(comm.get().allreduce_async(tensor, name="probe"))
+        comm.get().allreduce_async(tensor, name="probe").wait()
         times.append(time.perf_counter() - start)
     if comm.is_root():
         print("PROBE " + json.dumps({"bytes": tensor.numel() * 4, "seconds": float(np.median(times)),

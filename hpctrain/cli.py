@@ -12,7 +12,7 @@ import traceback
 from typing import Callable, Sequence
 
 from hpctrain import __version__
-from hpctrain.errors import UserError
+from hpctrain.errors import PeerFailure, UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hpctrain.train", "train a model (launch under mpirun, srun, jsrun or horovodrun)"),
@@ -36,6 +36,8 @@ def run_guarded(func: Callable[[], int | None]) -> int:
 
     try:
         return func() or 0
+    except PeerFailure:              # the failing rank prints the one line and takes the job down
+        comm.abort(None, code=2)
     except UserError as exc:
         comm.abort(str(exc), code=2)
     except KeyboardInterrupt:

@@ -159,6 +159,19 @@ class CompressionConfig:
 
 
 @dataclass
+class DistConfig:
+    # The communication engine: "horovod", "torch" (torch.distributed), or "auto": Horovod when it
+    # is installed and the job was started by mpirun, horovodrun or jsrun, torch otherwise
+    # (torchrun, srun, one process). The environment variable HPCTRAIN_BACKEND overrides it.
+    backend: Literal["auto", "horovod", "torch"] = "auto"
+    # torch engine: "nccl" (RCCL on ROCm) where every local rank has its own GPU, else "gloo".
+    torch_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # torch engine: a collective not done after this long fails the job (a rank that dies is
+    # noticed sooner: its peers' connections break). Long enough for rank 0's checkpoint writes.
+    timeout_s: float = 600.0
+
+
+@dataclass
 class HorovodConfig:
     # Job templates export these as HOROVOD_FUSION_THRESHOLD (bytes) and HOROVOD_CYCLE_TIME.
     fusion_threshold_mb: int = 64
@@ -175,6 +188,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     horovod: HorovodConfig = field(default_factory=HorovodConfig)
 
     @property
@@ -257,6 +271,8 @@ def _validate(cfg: Config) -> None:
                        "compression.warmup_steps": cfg.compression.warmup_steps}.items():
         if value < 0:
             raise UserError(f"config: {key} = {value} must be 0 or positive")
+    if not cfg.dist.timeout_s > 0:
+        raise UserError(f"config: dist.timeout_s = {cfg.dist.timeout_s} must be positive")
     if not cfg.train.lr > 0:
         raise UserError(f"config: train.lr = {cfg.train.lr} must be positive")
     for key, value in {"data.keep_fraction": cfg.data.keep_fraction,

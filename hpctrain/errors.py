@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The message names what is wrong and what to do about it; no traceback is shown.
     """
+
+
+class PeerFailure(UserError):
+    """Another rank failed and reports it itself: this rank stops without a second message."""

@@ -25,10 +25,12 @@ detected and reported.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ from torch import nn
 from hpctrain import comm
 from hpctrain.compression.base import Collective, Compressor, Exchange, ParamState
 from hpctrain.compression.policy import DENSE, Policy, as_policy
-from hpctrain.errors import UserError
+from hpctrain.errors import PeerFailure, UserError
 
 Fusion = Literal["none", "backward", "forward"]
 
@@ -61,7 +63,7 @@ class _InFlight:
     param: torch.Tensor
     exchange: Exchange
     request: Collective
-    handles: list[int]
+    works: list[Work]          # empty while the next round waits for its turn to launch
     round: int = 0
 
 
@@ -124,6 +126,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                             f"it cannot be combined with fusion={fusion!r}: use fusion='none' or drop max_grad_norm")
         if backward_passes_per_step < 1:
             raise UserError(f"backward_passes_per_step={backward_passes_per_step}: must be >= 1")
+        self._comm = comm.get()
         self.policy = as_policy(compression)
         self.fusion = fusion
         self.max_grad_norm = max_grad_norm
@@ -136,15 +139,28 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._states = {p: ParamState(self._names[p]) for p in trainable}
         self.compressor_names = {self._names[p]: c.name if c is not None else "dense" for p, c in self._compressor.items()}
         self._passes = {p: 0 for p in trainable}
-        self._inflight: dict[torch.Tensor, _InFlight] = {}
+        self._trainable = trainable
+        self._index = {p: i for i, p in enumerate(trainable)}
+        # Exchanges start in this fixed order on every rank (backward's usual order), whatever
+        # order the hooks fire in: torch.distributed matches collectives by order.
+        self._launch_order = [p for p in reversed(trainable) if self._compressor[p] is not None]
+        self._launched = 0                            # how many of _launch_order have started this step
+        self._ready: dict[torch.Tensor, torch.Tensor] = {}      # checked gradients awaiting their turn
+        self._inflight: dict[torch.Tensor, _InFlight] = {}      # in launch order: the queue rounds advance in
         self._bypass = [p for p in trainable if self._compressor[p] is None]   # same order on every rank
-        self._bypass_due = False                      # some bypass gradient awaits the fused allreduce
-        self._bypass_handle: int | None = None        # the fused allreduce, while in flight
+        self._bypass_work: Work | None = None        # the fused allreduce of small tensors and the step's flags
         self._seen: set[torch.Tensor] = set()         # exchange started this step
+        self._exchanged = 0                           # steps whose exchange has completed
+        # Non-finite gradients: this rank's first offender (index + 1, 0 if none), kept on the
+        # gradients' device and sent with the bypass, so no rank waits on a host sync per parameter.
+        self._first_bad: torch.Tensor | None = None
+        self._overflow: str | None = None            # who overflowed in the last exchange, if anyone
+        self._synchronized = False                    # this step's gradients are exchanged and stored
+        self._skip_synchronize = False
         # Forward fusion: param → hyper-parameters at step() time, and its averaged gradient once exchanged.
         self._deferred: dict[torch.Tensor, dict[str, Any]] = {}
         self._averaged: dict[torch.Tensor, torch.Tensor] = {}
-        self._local_sq = torch.zeros((), dtype=torch.float64)
+        self._local_sq: torch.Tensor | float = 0.0
         self._hooks = [p.register_post_accumulate_grad_hook(_weak(self._on_grad)) for p in trainable]
         if fusion == "forward":
             self._hooks.append(nn.modules.module.register_module_forward_pre_hook(_weak(self._before_forward)))
@@ -159,83 +175,97 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._exchange(p)
 
     def _exchange(self, p: torch.Tensor) -> None:
-        """`p.grad` is this rank's gradient for the step: check it, then start its exchange
-        (small tensors wait for the fused bypass in `_exchange_rest`)."""
+        """`p.grad` is this rank's gradient for the step: note whether it is finite, then start
+        its exchange when its turn comes (small tensors wait for the fused bypass)."""
         self._passes[p] = 0
+        self._synchronized = False
         if p in self._seen:
             raise UserError(f"gradient of {self._names[p]} computed twice before step(); call "
                             "optimizer.step() between backward passes, or raise backward_passes_per_step")
         self._seen.add(p)
         grad = p.grad
         sqnorm = squared_norm(grad)        # one pass; any NaN/Inf in grad makes it non-finite
-        if not bool(torch.isfinite(sqnorm)) and not bool(torch.isfinite(grad).all()):
-            raise NonFiniteGradientError(
-                f"non-finite gradient (NaN/Inf) in parameter {self._names[p]!r} at step {self._states[p].steps + 1}; "
-                "it was not fed into the residual memory — lower train.lr or check the data")
+        finite = torch.isfinite(sqnorm)
+        bad = torch.where(finite, 0, self._index[p] + 1).to(torch.float32)
+        self._first_bad = bad if self._first_bad is None else torch.where(self._first_bad > 0, self._first_bad, bad)
         if self.measure_grad_norms:
-            self._local_sq = self._local_sq.to(grad.device) + sqnorm.double()
+            self._local_sq = self._local_sq + sqnorm.double()
         self.stats.dense_bytes += grad.numel() * 4
         compressor = self._compressor[p]
         if compressor is None:
-            self._bypass_due = True
             return
-        if self._states[p].steps < self.policy.warmup_steps:
-            compressor = DENSE
-        exchange = compressor.exchange(grad, self._states[p])
-        self._launch(_InFlight(p, exchange, next(exchange), []))
+        if compressor.error_feedback:      # a non-finite gradient must not enter the residual memory
+            grad = torch.where(finite, grad, 0) if grad.is_cuda else grad if bool(finite) else torch.zeros_like(grad)
+        self._ready[p] = grad
+        self._launch_ready()
         if self.fusion == "backward":
             self._update(self._progress(wait=False))
 
+    def _launch_ready(self) -> None:
+        """Start the exchanges whose turn has come: a prefix of the fixed launch order."""
+        while self._launched < len(self._launch_order) and self._launch_order[self._launched] in self._ready:
+            p = self._launch_order[self._launched]
+            self._launched += 1
+            compressor = self._compressor[p]
+            if self._states[p].steps < self.policy.warmup_steps:
+                compressor = DENSE
+            exchange = compressor.exchange(self._ready.pop(p), self._states[p])
+            self._launch(_InFlight(p, exchange, next(exchange), []))
+
     def _launch(self, item: _InFlight) -> None:
         name = self._names[item.param]
-        launch = comm.get().allgather_async if item.request.kind == "allgather" else comm.get().allreduce_async
-        payloads = [comm.get().sendable(t) for t in item.request.payloads]
-        item.handles = [launch(t, name=f"{name}.{item.round}.{i}") for i, t in enumerate(payloads)]
+        launch = self._comm.allgather_async if item.request.kind == "allgather" else self._comm.allreduce_async
+        payloads = [self._comm.sendable(t) for t in item.request.payloads]
+        item.works = [launch(t, name=f"{name}.{item.round}.{i}") for i, t in enumerate(payloads)]
         self._count_wire(item.param, _nbytes(payloads))
-        self._inflight[item.param] = item
+        self._inflight[item.param] = item          # to the back of the queue
 
     def _count_wire(self, p: torch.Tensor, nbytes: int) -> None:
         self.stats.wire_bytes += nbytes
         wire, dense = self.stats.per_param.get(self._names[p], (0, p.numel() * 4))
         self.stats.per_param[self._names[p]] = (wire + nbytes, dense)
 
-    def _progress(self, wait: bool) -> list[torch.Tensor]:
-        """Advance the exchanges whose collectives are done, after waiting for one if `wait`;
-        returns the parameters whose averaged gradients have just been stored.
+    def _receive(self, item: _InFlight) -> bool:
+        """Hand a completed round's results to the exchange; True when it has finished (the
+        averaged gradient stored), else its next round waits in `item.request` to be launched."""
+        received = [work.wait().to(sent.dtype) for work, sent in zip(item.works, item.request.payloads)]
+        item.works = []
+        try:
+            item.request = item.exchange.send(received)
+        except StopIteration as finished:
+            self._store(item.param, finished.value)
+            return True
+        item.round += 1
+        return False
 
-        The wait is for the oldest exchange in the lowest round: Horovod completes collectives
-        about in launch order, and a rank never blocks on a later round that a peer (launching
-        in another order, e.g. zeros for a parameter it did not use) has yet to start.
+    def _progress(self, wait: bool) -> list[torch.Tensor]:
+        """Take in the collectives that have completed; with `wait`, also advance the queue's head
+        (waiting for it and launching its next round). Returns the parameters whose averaged
+        gradients have just been stored.
+
+        Next rounds are launched only from the head of the queue, in launch order, so every rank
+        starts them in the same order whatever its timing.
         """
-        h = dist.hvd()
         done: list[torch.Tensor] = []
-        while True:
-            ready = [item for item in self._inflight.values() if all(h.poll(handle) for handle in item.handles)]
-            if wait and not ready and self._inflight:
-                ready = [min(self._inflight.values(), key=lambda item: item.round)]
-            if self._bypass_handle is not None and (h.poll(self._bypass_handle) or (wait and not self._inflight)):
-                done += self._finish_bypass()
-            if not ready:
-                return done
-            wait = False
-            for item in ready:
-                received = [dist.synchronize(handle).to(sent.dtype)
-                            for handle, sent in zip(item.handles, item.request.payloads)]
-                try:
-                    item.request = item.exchange.send(received)
-                except StopIteration as finished:
-                    del self._inflight[item.param]
-                    self._store(item.param, finished.value)
-                    done.append(item.param)
-                else:
-                    item.round += 1
-                    self._launch(item)
+        for item in list(self._inflight.values()):
+            if item.works and all(work.done() for work in item.works) and self._receive(item):
+                del self._inflight[item.param]
+                done.append(item.param)
+        if self._bypass_work is not None and (self._bypass_work.done() or (wait and not self._inflight)):
+            done += self._finish_bypass()
+        if wait and self._inflight:
+            head = self._inflight.pop(next(iter(self._inflight)))
+            if head.works and self._receive(head):
+                done.append(head.param)
+            else:
+                self._launch(head)
+        return done
 
     def _drain(self) -> None:
         """Wait for every exchange in flight, applying fused updates as they land, so the wait
         overlaps them with the remaining communication (a forward-fused update applied before its
         module's forward is the same update: its hyper-parameters were taken at `step()`)."""
-        while self._inflight or self._bypass_handle is not None:
+        while self._inflight or self._bypass_work is not None:
             done = self._progress(wait=True)
             if self.fusion == "backward":
                 self._update(done)
@@ -253,30 +283,61 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _exchange_rest(self) -> None:
         """Start what backward did not: exchanges of zeros for parameters with no gradient this
-        step (a partial accumulation as it is), and the small tensors' fused dense allreduce."""
+        step (a partial accumulation as it is), then one fused dense allreduce of the small
+        tensors and of every rank's non-finite flag."""
+        if not self._compressor:
+            return
         for p in self._compressor:
             if p not in self._seen:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 self._exchange(p)
-        if self._bypass_due:
-            self._bypass_due = False
-            sent = [comm.get().sendable(p.grad) for p in self._bypass]
-            for p, tensor in zip(self._bypass, sent):
-                self._count_wire(p, _nbytes([tensor]))
-            name = f"{self._names[self._bypass[0]]}.bypass"      # unique as long as parameter names are
-            self._bypass_handle = comm.get().grouped_allreduce_async(sent, name=name)
+        flags = torch.zeros(self._comm.size, dtype=torch.float32, device=self._first_bad.device)
+        flags[self._comm.rank] = self._first_bad
+        sent = [self._comm.sendable(p.grad) for p in self._bypass]
+        for p, tensor in zip(self._bypass, sent):
+            self._count_wire(p, _nbytes([tensor]))
+        name = f"{self._names[next(iter(self._compressor))]}.bypass"      # unique as long as parameter names are
+        self._bypass_work = self._comm.grouped_allreduce_async(sent + [flags], name=name, average=False)
+        self._seen.clear()               # from here on, a gradient belongs to the next step
+        self._launched = 0
+        self._first_bad = None
 
     def _finish_bypass(self) -> list[torch.Tensor]:
-        averaged = dist.synchronize(self._bypass_handle)
-        self._bypass_handle = None
-        for p, tensor in zip(self._bypass, averaged):
-            self._store(p, tensor.to(p.dtype))
+        """Store the small tensors' averages and learn who, if anyone, had a non-finite gradient:
+        then every rank sees Inf in its gradients, as the GradScaler of mixed precision expects."""
+        *summed, flags = self._bypass_work.wait()
+        self._bypass_work = None
+        for p, tensor in zip(self._bypass, summed):
+            self._store(p, tensor.div_(self._comm.size).to(p.dtype))
+        self._exchanged += 1
+        self._overflow = None
+        offenders = [(rank, round(index) - 1) for rank, index in enumerate(flags.tolist()) if index > 0]
+        if offenders:
+            rank, index = offenders[0]
+            self._overflow = (f"[rank {rank}] non-finite gradient (NaN/Inf) in parameter "
+                              f"{self._names[self._trainable[index]]!r} at step {self._exchanged}")
+            if self.fusion != "none":   # updates are applied as gradients land: nothing can skip them
+                self._raise_overflow()
+            for p in self._compressor:
+                p.grad.fill_(float("inf"))
         return list(self._bypass)
+
+    def _raise_overflow(self) -> None:
+        """A non-finite gradient reached an update (no GradScaler skipped it): stop, in one line
+        printed by the rank it happened on."""
+        message = self._overflow + "; it was not fed into the residual memory — lower train.lr or check the data"
+        if message.startswith(f"[rank {self._comm.rank}] "):
+            raise NonFiniteGradientError(message.split("] ", 1)[1])
+        raise PeerFailure(message)
 
     def synchronize(self) -> None:
         """Wait until every gradient of this step is exchanged and stored (with backward fusion,
-        also apply the updates still due: `comm_time_s` then includes them)."""
+        also apply the updates still due: `comm_time_s` then includes them). Then the gradients
+        are the averaged ones, for clipping or a GradScaler's `unscale_` before `step()` (inside
+        `skip_synchronize()`); Inf everywhere if any rank's gradient was non-finite."""
+        if self._synchronized:
+            return
         start = time.perf_counter()
         self._exchange_rest()
         self._drain()
@@ -284,6 +345,25 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self.measure_grad_norms and self.fusion != "forward":
             self.stats.local_sqnorm = float(self._local_sq)
             self.stats.global_sqnorm = float(sum(squared_norm(p.grad).double() for p in self._compressor))
+        self._local_sq = 0.0
+        self._synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """`step()` inside this context does not synchronize: for the recipes that call
+        `synchronize()` themselves (gradient clipping, `GradScaler.unscale_`), as in Horovod."""
+        self._skip_synchronize = True
+        try:
+            yield
+        finally:
+            self._skip_synchronize = False
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Accumulate `passes` local backward passes per exchange from the next one on."""
+        if passes < 1:
+            raise UserError(f"backward_passes_per_step={passes}: must be >= 1")
+        self.backward_passes_per_step = passes
+        self._passes = dict.fromkeys(self._passes, 0)
 
     # -- the update ----------------------------------------------------------------------
     def _update(self, params: list[torch.Tensor], hyper: dict[torch.Tensor, dict[str, Any]] | None = None) -> None:
@@ -342,17 +422,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             for p in self._compressor:
                 p.grad = None       # the pending update owns the gradient; zero_grad cannot touch it
         else:
-            self.synchronize()
+            if not self._skip_synchronize:
+                if self._synchronized:
+                    warnings.warn("optimizer.step() called without optimizer.skip_synchronize() after "
+                                  "optimizer.synchronize(); wrap step() in `with optimizer.skip_synchronize():`",
+                                  stacklevel=2)
+                self.synchronize()
+            if self._overflow is not None:
+                self._raise_overflow()
             if self.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(list(self._compressor), self.max_grad_norm)
             if self.fusion == "none":
                 self._base.step(self)
-        self._end_step()
+        self._synchronized = False
         return loss
-
-    def _end_step(self) -> None:
-        self._seen.clear()
-        self._local_sq = torch.zeros((), dtype=torch.float64)
 
     def new_step_stats(self) -> StepStats:
         """Hand out the finished step's statistics and start counting the next one."""

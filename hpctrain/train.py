@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from hpctrain import __version__, checkpoint, comm
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats
+from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
 from hpctrain.config import Config, check_world_size, load_config
 from hpctrain.data import Dataset, filtering, load_splits
@@ -46,19 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)      # every rank validates before any work starts
-    _apply_horovod_env(cfg)
-    comm.init()
+    init_comm(cfg)
     check_world_size(cfg, comm.size())
     Trainer(cfg).fit(resume=args.resume)
     return 0
 
 
-def _apply_horovod_env(cfg: Config) -> None:
-    """Horovod reads its tuning knobs from the environment at init; a job script's exports win."""
-    hcfg = getattr(cfg, "horovod", None)
-    if hcfg is not None:
-        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(hcfg.fusion_threshold_mb * 1024 * 1024)))
-        os.environ.setdefault("HOROVOD_CYCLE_TIME", str(hcfg.cycle_time_ms))
+def init_comm(cfg: Config) -> comm.Communicator:
+    """Start the engine the run config asks for; rank 0 says which one it got."""
+    horovod_environment(cfg.horovod.fusion_threshold_mb, cfg.horovod.cycle_time_ms)
+    communicator = comm.init(cfg.dist.backend, cfg.dist.torch_backend, cfg.dist.timeout_s)
+    if communicator.rank == 0:
+        note = getattr(communicator, "note", None)
+        print(f"hpctrain: engine {communicator.describe()}, {communicator.size} rank(s)"
+              + (f" ({note})" if note else ""), flush=True)
+    return communicator
 
 
 def lr_at(cfg: Config, base_lr: float, progress: float) -> float:

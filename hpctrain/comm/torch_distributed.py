@@ -24,6 +24,8 @@ from hpctrain.comm.launcher import Launch
 from hpctrain.errors import UserError
 
 TORCH_BACKENDS = ("auto", "nccl", "gloo")
+# torch 2.13 renamed all_gather_into_tensor (older releases, e.g. 2.11 on GPU nodes, lack the new name).
+_all_gather_single = getattr(td, "all_gather_single", None) or td.all_gather_into_tensor
 
 
 class _Future:
@@ -135,13 +137,13 @@ class TorchCommunicator(Communicator):
     def _allgather(self, tensor: torch.Tensor) -> torch.Tensor:
         wire = self._wire(tensor)
         counts = torch.zeros(self.size, dtype=torch.int64, device=wire.device)
-        td.all_gather_into_tensor(counts, torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device))
+        _all_gather_single(counts, torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device))
         lengths = counts.tolist()
         longest = max(lengths)
         if wire.shape[0] < longest:
             wire = torch.cat([wire, wire.new_zeros((longest - wire.shape[0], *wire.shape[1:]))])
         gathered = wire.new_empty((self.size * longest, *wire.shape[1:]))
-        td.all_gather_into_tensor(gathered, wire.contiguous())
+        _all_gather_single(gathered, wire.contiguous())
         parts = [gathered[r * longest: r * longest + n] for r, n in enumerate(lengths)]
         return torch.cat(parts).to(tensor.device)
 

@@ -52,7 +52,11 @@ class ParamState:
     steps: int = 0                            # exchanges done so far
 
     def state_dict(self) -> dict[str, Any]:
-        return {"residual": self.residual, "extra": dict(self.extra), "steps": self.steps}
+        """On the CPU: checkpoints gather every rank's state on rank 0."""
+        def cpu(value: Any) -> Any:
+            return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+        return {"residual": cpu(self.residual), "extra": {k: cpu(v) for k, v in self.extra.items()},
+                "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         res = state["residual"]
