@@ -91,8 +91,11 @@ class TorchCommunicator(Communicator):
             torch.cuda.set_device(self.device)
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")   # a dead peer ends the job, not a hang
         timeout = timedelta(seconds=timeout_s)
-        store = td.HashStore() if launch.size == 1 else _rendezvous(launch, timeout)
-        td.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size, timeout=timeout)
+        if td.is_initialized():              # the user's own init_process_group (e.g. for DDP): adopt it
+            self.rank, self.size, self.backend = td.get_rank(), td.get_world_size(), td.get_backend()
+        else:
+            store = td.HashStore() if launch.size == 1 else _rendezvous(launch, timeout)
+            td.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size, timeout=timeout)
         # One thread: collectives leave in submission order. It must see this rank's GPU as current.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="hpctrain-comm", initializer=self._bind_device)
         atexit.register(self.shutdown)
@@ -106,7 +109,9 @@ class TorchCommunicator(Communicator):
         return f"torch.distributed ({name})"
 
     # -- running on the comm thread ----------------------------------------------------
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> _Future:
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Future:
+        """Run `fn(*args)` on the comm thread after everything submitted before it; `fn` may
+        call the blocking `reduce` and `allgather` below (and torch.distributed itself)."""
         return _Future(self._thread.submit(fn, *args))
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -118,8 +123,8 @@ class TorchCommunicator(Communicator):
             return tensor.detach().to("cpu")
         return tensor.detach()
 
-    def _reduce(self, tensors: list[torch.Tensor], average: bool) -> list[torch.Tensor]:
-        """Sum (or mean) of same-dtype tensors, fused into one flat buffer per dtype."""
+    def reduce(self, tensors: list[torch.Tensor], average: bool) -> list[torch.Tensor]:
+        """Sum (or mean) of tensors, fused into one flat buffer per dtype (on the comm thread)."""
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             by_dtype.setdefault(t.dtype, []).append(i)
@@ -134,7 +139,8 @@ class TorchCommunicator(Communicator):
                 out[i] = part.view(tensors[i].shape).to(tensors[i].device)
         return out
 
-    def _allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Variable-length allgather along dim 0: lengths first, then padded payloads (on the comm thread)."""
         wire = self._wire(tensor)
         counts = torch.zeros(self.size, dtype=torch.int64, device=wire.device)
         _all_gather_single(counts, torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device))
@@ -149,13 +155,13 @@ class TorchCommunicator(Communicator):
 
     # -- the interface -----------------------------------------------------------------
     def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True) -> _Future:
-        return self._submit(lambda: self._reduce([tensor], average)[0])
+        return self.submit(lambda: self.reduce([tensor], average)[0])
 
     def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> _Future:
-        return self._submit(self._reduce, list(tensors), average)
+        return self.submit(self.reduce, list(tensors), average)
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> _Future:
-        return self._submit(self._allgather, tensor)
+        return self.submit(self.allgather, tensor)
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
         def broadcast() -> None:
@@ -179,7 +185,7 @@ class TorchCommunicator(Communicator):
 
     def allreduce_scalars(self, values: Sequence[float], name: str, average: bool = True) -> list[float]:
         device = self.device if self.backend == "nccl" else torch.device("cpu")
-        (out,) = self._run(self._reduce, [torch.tensor(values, dtype=torch.float64, device=device)], average)
+        (out,) = self._run(self.reduce, [torch.tensor(values, dtype=torch.float64, device=device)], average)
         return out.tolist()
 
     def barrier(self) -> None:
