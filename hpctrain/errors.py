@@ -10,3 +10,8 @@ class UserError(Exception):
 
 class PeerFailure(UserError):
     """Another rank failed and reports it itself: this rank stops without a second message."""
+
+
+class InvalidArgument(UserError, ValueError):
+    """A bad argument to a public function: also a ValueError, as Python code (and code written
+    for Horovod, which raises ValueError) expects."""

@@ -1,7 +1,10 @@
 """`hpctrain jobs`: render LSF (jsrun) and Slurm (srun) job scripts for a run, or submit them.
 
 A site profile (`jobs/sites/NAME.toml`, or your own with `--site-file`) holds what a machine
-is: scheduler, GPUs and usable cores per node, queue and account conventions, environment.
+is: scheduler, GPUs and usable cores per node, queue and account conventions, the
+communication engine that runs there (torch.distributed or Horovod) and its environment.
+The script selects the engine with `export HPCTRAIN_BACKEND=...`, which wins over the run
+config's `dist.backend` and over anything the submitting shell exports.
 The templates (`jobs/lsf.sh.tmpl`, `jobs/slurm.sh.tmpl`, Jinja2) turn a site, a node count and
 a run config into a script; everything a scheduler would reject hours later in the queue
 (too many GPUs per node, a bad walltime, a missing account, a batch size the world size does
@@ -35,6 +38,8 @@ SITES_DIR = JOBS_DIR / "sites"
 REFERENCE_SITES = {"lsf": "summit", "slurm": "perlmutter"}
 SUBMIT_COMMANDS = {"lsf": "bsub", "slurm": "sbatch"}
 SCRIPT_NAME = "job.sh"
+# Communication engines a job can run (`dist.backend` without "auto": a job names its engine).
+ENGINES = ("torch", "horovod")
 # Values that go into #BSUB/#SBATCH lines, which no shell unquotes.
 _DIRECTIVE_VALUE = re.compile(r"[^\s'\"#\\]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -61,6 +66,10 @@ class Site:
     gpu_bind: str = ""
     cpu_bind: str = "cores"
     walltime: str = "01:00"
+    # The communication engine: "torch" (torch.distributed: NCCL/RCCL on GPUs, Gloo on CPUs;
+    # no MPI or torchrun needed) or "horovod" (needs an MPI-wired launch: jsrun, srun --mpi=pmix).
+    # `hpctrain jobs render --engine` or an explicit `dist.backend` in the run config overrides it.
+    engine: Literal["torch", "horovod"] = "torch"
     # Extra launcher (jsrun/srun) flags, e.g. ["--mpi=pmix"].
     launcher_args: list[str] = field(default_factory=list)
     # Shell lines run before launching (module loads); env values may use $VARS.
@@ -88,6 +97,7 @@ class Layout:
 class Job:
     site: Site
     layout: Layout
+    engine: str
     name: str
     account: str
     queue: str
@@ -135,6 +145,8 @@ def validate_site(site: Site) -> Site:
     for key, value in site.env.items():
         if not _ENV_NAME.fullmatch(key) or re.search(r'["`\\]', value):
             raise UserError(f"{where}: env {key} = {value!r}; names are shell identifiers and values may not contain \", ` or \\")
+        if key == "HPCTRAIN_BACKEND":
+            raise UserError(f"{where}: env HPCTRAIN_BACKEND; set engine = {' or '.join(map(repr, ENGINES))} instead")
     return site
 
 
@@ -193,19 +205,33 @@ def plan_layout(site: Site, nodes: int, gpus_per_node: int | None = None, ranks_
                   omp_threads=max(1, cpus // site.threads_per_core))
 
 
-def job_environment(site: Site, cfg: Config, layout: Layout) -> dict[str, str]:
-    """Variables every rank needs: HDF5 on parallel file systems, Horovod tuning, threads, the site's own."""
+def choose_engine(site: Site, cfg: Config, requested: str | None = None) -> str:
+    """The job's engine: --engine, else an explicit `dist.backend` in the run config, else the site's."""
+    if requested is not None and requested not in ENGINES:
+        raise UserError(f"--engine {requested!r} is not an engine; choose one of {', '.join(ENGINES)}")
+    configured = cfg.dist.backend if cfg.dist.backend != "auto" else None
+    if requested and configured and requested != configured:
+        raise UserError(f"--engine {requested} contradicts dist.backend = {configured!r} in the run config; "
+                        f"drop one of them")
+    return requested or configured or site.engine
+
+
+def job_environment(site: Site, cfg: Config, layout: Layout, engine: str) -> dict[str, str]:
+    """Variables every rank needs: the engine, HDF5 on parallel file systems, threads, Horovod tuning, the site's own."""
     if cfg.horovod.fusion_threshold_mb < 0 or not cfg.horovod.cycle_time_ms > 0:
         raise UserError(f"config: horovod.fusion_threshold_mb = {cfg.horovod.fusion_threshold_mb} must be >= 0 "
                         f"and horovod.cycle_time_ms = {cfg.horovod.cycle_time_ms} positive")
-    return {
+    env = {
+        # Wins over dist.backend and over an HPCTRAIN_BACKEND the submitting shell may pass on.
+        "HPCTRAIN_BACKEND": engine,
         # GPFS/Lustre locking makes h5py opens fail or hang on many centres' file systems.
         "HDF5_USE_FILE_LOCKING": "FALSE",
-        "HOROVOD_FUSION_THRESHOLD": str(cfg.horovod.fusion_threshold_mb * 1024 * 1024),
-        "HOROVOD_CYCLE_TIME": f"{cfg.horovod.cycle_time_ms:g}",
         "OMP_NUM_THREADS": str(layout.omp_threads),
-        **site.env,
     }
+    if engine == "horovod":
+        env["HOROVOD_FUSION_THRESHOLD"] = str(cfg.horovod.fusion_threshold_mb * 1024 * 1024)
+        env["HOROVOD_CYCLE_TIME"] = f"{cfg.horovod.cycle_time_ms:g}"
+    return {**env, **site.env}
 
 
 def default_hpctrain_command() -> list[str]:
@@ -230,15 +256,16 @@ def plan_job(args: argparse.Namespace, work_dir: Path, hpctrain_command: list[st
     run_dir = Path(_check_directive_value("run directory", str(out_dir / name)))
     overrides = [*args.overrides, f"run.out_dir={json.dumps(str(out_dir))}", f"run.name={json.dumps(name)}"]
     load_config(config_path, overrides)  # the exact command the job runs must load
+    engine = choose_engine(site, cfg, getattr(args, "engine", None))
     train_command = [*hpctrain_command, "train", "--config", str(config_path), "--resume=auto"]
     for assignment in overrides:
         train_command += ["--set", assignment]
-    return Job(site=site, layout=layout, name=name, account=account,
+    return Job(site=site, layout=layout, engine=engine, name=name, account=account,
                queue=_check_directive_value("--queue", args.queue or site.queue),
                qos=_check_directive_value("--qos", args.qos or site.qos),
                walltime_minutes=parse_walltime(args.walltime or site.walltime),
                run_dir=run_dir, work_dir=work_dir, train_command=train_command,
-               env=job_environment(site, cfg, layout))
+               env=job_environment(site, cfg, layout, engine))
 
 
 def _shell_command(words: list[str]) -> str:
@@ -335,6 +362,8 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site-file", metavar="FILE", help="your own site profile (TOML, same keys as jobs/sites/*.toml)")
     parser.add_argument("--scheduler", metavar="{lsf,slurm}", help="lsf or slurm; alone, it picks that scheduler's reference site ("
                         + ", ".join(f"{k}: {v}" for k, v in REFERENCE_SITES.items()) + ")")
+    parser.add_argument("--engine", metavar="{torch,horovod}", help="communication engine (default: dist.backend "
+                        "if the run config names one, else the site's `engine`)")
     parser.add_argument("--templates", metavar="DIR", help=f"directory with lsf.sh.tmpl/slurm.sh.tmpl (default {JOBS_DIR})")
     parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs (= ranks) per node; default all of the site's")

@@ -38,9 +38,11 @@ from torch import nn
 from hpctrain import comm
 from hpctrain.compression.base import Collective, Compressor, Exchange, ParamState
 from hpctrain.compression.policy import DENSE, Policy, as_policy
-from hpctrain.errors import PeerFailure, UserError
+from hpctrain.errors import InvalidArgument, PeerFailure, UserError
 
 Fusion = Literal["none", "backward", "forward"]
+# Horovod's reduction constants (hvd.Average, hvd.Sum, ...: the same ints since 0.21) and hpctrain's names.
+_HOROVOD_OPS = {0: "average", 1: "sum", 2: "adasum", 3: "min", 4: "max", 5: "product"}
 
 
 class NonFiniteGradientError(UserError):
@@ -85,9 +87,52 @@ def _weak(method: Callable[..., None]) -> Callable[..., None]:
 
 def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     """|tensor|² as an fp32 scalar, by one BLAS dot product: 4-5× cheaper than `isfinite().all()`
-    on the CPU, and non-finite whenever the tensor holds a NaN/Inf (or its squares overflow)."""
+    on the CPU, and non-finite whenever the tensor holds a NaN/Inf (or its squares overflow).
+    A sparse tensor's is that of its (coalesced) values."""
+    if tensor.is_sparse:
+        tensor = tensor.coalesce().values()
     flat = tensor.detach().reshape(-1).to(torch.float32)
     return torch.dot(flat, flat)
+
+
+def _zeros_like(p: torch.Tensor, sparse_dim: int | None, dense: bool) -> torch.Tensor:
+    """The gradient of a parameter this rank did not use: zeros, sparse (no rows) if its gradients are."""
+    if sparse_dim is None or dense:
+        return torch.zeros_like(p)
+    return torch.sparse_coo_tensor(torch.empty((sparse_dim, 0), dtype=torch.int64, device=p.device),
+                                   p.new_empty((0, *p.shape[sparse_dim:])), p.shape)
+
+
+def _reduce_op(op: Any) -> str:
+    """'average' or 'sum', from Horovod's constants (hvd.Average, hvd.Sum) or hpctrain's names."""
+    name = _HOROVOD_OPS.get(op) if isinstance(op, int) and not isinstance(op, bool) else \
+        op.lower() if isinstance(op, str) else None
+    if name == "adasum":
+        raise InvalidArgument("op=Adasum is not supported by hpctrain.DistributedOptimizer (its compressors average); "
+                              "use op=hvd.Average or hvd.Sum, or Horovod's own optimizer for Adasum")
+    if name not in ("average", "sum"):
+        raise InvalidArgument(f"op={op!r}: choose hvd.Average / 'average' or hvd.Sum / 'sum'")
+    return name
+
+
+def _check_groups(groups: Any, params: list[torch.Tensor]) -> None:
+    """Horovod's `groups`: None, a positive int, or lists of this optimizer's parameters, each once."""
+    if groups is None:
+        return
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        if groups < 1:
+            raise InvalidArgument(f"groups={groups}: must be a positive integer or a list of lists of parameters")
+        return
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, (list, tuple)) for g in groups):
+        raise InvalidArgument("groups must be a positive integer or a list of lists of parameters")
+    ids = {id(p) for p in params}
+    seen: set[int] = set()
+    for tensor in (t for g in groups for t in g):
+        if not isinstance(tensor, torch.Tensor) or id(tensor) not in ids:
+            raise InvalidArgument("groups must consist of parameters of the wrapped optimizer")
+        if id(tensor) in seen:
+            raise InvalidArgument("a parameter can only appear once in groups")
+        seen.add(id(tensor))
 
 
 def _snapshot(group: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +146,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Any, named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
                  compression: Compressor | Policy | None, backward_passes_per_step: int,
-                 fusion: Fusion, max_grad_norm: float | None):
+                 fusion: Fusion, max_grad_norm: float | None, op: Any = "average",
+                 gradient_predivide_factor: float = 1.0, groups: Any = None, sparse_as_dense: bool = False,
+                 process_set: Any = None):
         self._hooks: list[Any] = []              # first: __del__ runs even if a check below fails
         super(self.__class__, self).__init__(params)
         self._base = type(self).__mro__[1]
@@ -113,20 +160,40 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         names = [n for n, _ in named]
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
-            raise UserError(f"named_parameters has duplicate names {dupes}; pass model.named_parameters()")
+            raise InvalidArgument(f"named_parameters has duplicate names {dupes}; pass model.named_parameters()")
         self._names = {p: n for n, p in named}
         unnamed = [p for p in all_params if p not in self._names]
         if unnamed:
-            raise UserError(f"{len(unnamed)} optimizer parameter(s) are missing from named_parameters; "
-                            "pass model.named_parameters() for the same model")
+            raise InvalidArgument(f"{len(unnamed)} optimizer parameter(s) are missing from named_parameters; "
+                                  "pass model.named_parameters() for the same model")
         if fusion not in ("none", "backward", "forward"):
-            raise UserError(f"fusion={fusion!r}: choose 'none', 'backward' or 'forward'")
+            raise InvalidArgument(f"fusion={fusion!r}: choose 'none', 'backward' or 'forward'")
         if fusion != "none" and max_grad_norm is not None:
-            raise UserError(f"max_grad_norm (global gradient clipping) needs every gradient before any update; "
-                            f"it cannot be combined with fusion={fusion!r}: use fusion='none' or drop max_grad_norm")
+            raise InvalidArgument(f"max_grad_norm (global gradient clipping) needs every gradient before any update; "
+                                  f"it cannot be combined with fusion={fusion!r}: use fusion='none' or drop "
+                                  "max_grad_norm")
         if backward_passes_per_step < 1:
-            raise UserError(f"backward_passes_per_step={backward_passes_per_step}: must be >= 1")
+            raise InvalidArgument(f"backward_passes_per_step={backward_passes_per_step}: must be >= 1")
+        self.op = _reduce_op(op)
+        if not gradient_predivide_factor > 0:
+            raise InvalidArgument(f"gradient_predivide_factor={gradient_predivide_factor}: must be > 0")
+        if gradient_predivide_factor != 1.0 and self.op != "average":
+            raise InvalidArgument("gradient_predivide_factor is only supported with op=Average (as in Horovod)")
+        _check_groups(groups, all_params)
+        self.gradient_predivide_factor = float(gradient_predivide_factor)
+        self.groups = groups                        # accepted for Horovod compatibility; see DistributedOptimizer
+        self.sparse_as_dense = bool(sparse_as_dense)
         self._comm = comm.get()
+        # The ranks gradients are reduced over: a Horovod ProcessSet or a torch.distributed group (None: all).
+        self.process_set = process_set
+        self._members = self._comm.group_ranks(process_set)
+        self._group_kw = {} if process_set is None else {"group": process_set}
+        self._n = len(self._members)                 # ranks in the set
+        self._me = self._members.index(self._comm.rank)
+        # Horovod's scaling: 1/f before the sum, f/n after (an Average); a Sum is the average times n.
+        self._prescale = 1.0 / self.gradient_predivide_factor
+        self._postscale = self.gradient_predivide_factor * (self._n if self.op == "sum" else 1)
+        self._sparse_dim: dict[torch.Tensor, int] = {}     # parameters whose gradients come sparse
         self.policy = as_policy(compression)
         self.fusion = fusion
         self.max_grad_norm = max_grad_norm
@@ -184,6 +251,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                             "optimizer.step() between backward passes, or raise backward_passes_per_step")
         self._seen.add(p)
         grad = p.grad
+        if grad.is_sparse:                 # nn.Embedding(sparse=True): coalesced, as SparseAdam reads it
+            grad = grad.coalesce()
+            self._sparse_dim[p] = grad.sparse_dim()
+            if self.sparse_as_dense or self._compressor[p] is None:    # sent dense, made sparse again after
+                grad = grad.to_dense()
+            p.grad = grad
         sqnorm = squared_norm(grad)        # one pass; any NaN/Inf in grad makes it non-finite
         finite = torch.isfinite(sqnorm)
         bad = torch.where(finite, 0, self._index[p] + 1).to(torch.float32)
@@ -194,7 +267,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         compressor = self._compressor[p]
         if compressor is None:
             return
-        if compressor.error_feedback:      # a non-finite gradient must not enter the residual memory
+        if compressor.error_feedback and not grad.is_sparse:   # a non-finite gradient must not enter the residual
             grad = torch.where(finite, grad, 0) if grad.is_cuda else grad if bool(finite) else torch.zeros_like(grad)
         self._ready[p] = grad
         self._launch_ready()
@@ -206,17 +279,46 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         while self._launched < len(self._launch_order) and self._launch_order[self._launched] in self._ready:
             p = self._launch_order[self._launched]
             self._launched += 1
-            compressor = self._compressor[p]
-            if self._states[p].steps < self.policy.warmup_steps:
-                compressor = DENSE
-            exchange = compressor.exchange(self._ready.pop(p), self._states[p])
+            exchange = self._start_exchange(p, self._ready.pop(p))
             self._launch(_InFlight(p, exchange, next(exchange), []))
+
+    def _start_exchange(self, p: torch.Tensor, grad: torch.Tensor) -> Exchange:
+        """The exchange of one gradient: its compressor's (dense during warm-up), scaled for `op`
+        and `gradient_predivide_factor`; a sparse gradient's indices and values are allgathered."""
+        if grad.is_sparse:
+            return self._sparse_exchange(grad)
+        compressor = self._compressor[p]
+        if self._states[p].steps < self.policy.warmup_steps:
+            compressor = DENSE
+        if self._prescale != 1.0:
+            grad = grad * self._prescale
+        exchange = compressor.exchange(grad, self._states[p])
+        if self._postscale == 1.0 and p not in self._sparse_dim:
+            return exchange
+        return self._finish_exchange(p, exchange)
+
+    def _finish_exchange(self, p: torch.Tensor, exchange: Exchange) -> Exchange:
+        averaged = yield from exchange
+        if self._postscale != 1.0:
+            averaged = averaged * self._postscale
+        return self._resparsify(p, averaged)
+
+    def _resparsify(self, p: torch.Tensor, averaged: torch.Tensor) -> torch.Tensor:
+        """A gradient that came sparse and was sent dense goes back sparse (SparseAdam needs it)."""
+        return averaged.to_sparse(self._sparse_dim[p]) if p in self._sparse_dim else averaged
+
+    def _sparse_exchange(self, grad: torch.Tensor) -> Exchange:
+        """As Horovod: allgather every rank's (index, value) rows, then the averaged (or summed)
+        sparse gradient, coalesced (the same on every rank: the gather is in rank order)."""
+        indices, values = yield Collective("allgather", [grad.indices().t().contiguous(), grad.values()])
+        scale = 1.0 / self._n if self.op == "average" else 1.0
+        return torch.sparse_coo_tensor(indices.t(), values * scale, grad.shape).coalesce()
 
     def _launch(self, item: _InFlight) -> None:
         name = self._names[item.param]
         launch = self._comm.allgather_async if item.request.kind == "allgather" else self._comm.allreduce_async
         payloads = [self._comm.sendable(t) for t in item.request.payloads]
-        item.works = [launch(t, name=f"{name}.{item.round}.{i}") for i, t in enumerate(payloads)]
+        item.works = [launch(t, name=f"{name}.{item.round}.{i}", **self._group_kw) for i, t in enumerate(payloads)]
         self._count_wire(item.param, _nbytes(payloads))
         self._inflight[item.param] = item          # to the back of the queue
 
@@ -290,15 +392,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for p in self._compressor:
             if p not in self._seen:
                 if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+                    p.grad = _zeros_like(p, self._sparse_dim.get(p), self.sparse_as_dense or p in self._bypass)
                 self._exchange(p)
-        flags = torch.zeros(self._comm.size, dtype=torch.float32, device=self._first_bad.device)
-        flags[self._comm.rank] = self._first_bad
-        sent = [self._comm.sendable(p.grad) for p in self._bypass]
+        flags = torch.zeros(self._n, dtype=torch.float32, device=self._first_bad.device)
+        flags[self._me] = self._first_bad
+        scale = self._prescale
+        sent = [self._comm.sendable(p.grad if scale == 1.0 else p.grad * scale) for p in self._bypass]
         for p, tensor in zip(self._bypass, sent):
             self._count_wire(p, _nbytes([tensor]))
         name = f"{self._names[next(iter(self._compressor))]}.bypass"      # unique as long as parameter names are
-        self._bypass_work = self._comm.grouped_allreduce_async(sent + [flags], name=name, average=False)
+        self._bypass_work = self._comm.grouped_allreduce_async(sent + [flags], name=name, average=False,
+                                                               **self._group_kw)
         self._seen.clear()               # from here on, a gradient belongs to the next step
         self._launched = 0
         self._first_bad = None
@@ -308,19 +412,27 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         then every rank sees Inf in its gradients, as the GradScaler of mixed precision expects."""
         *summed, flags = self._bypass_work.wait()
         self._bypass_work = None
+        scale = self.gradient_predivide_factor / self._n if self.op == "average" else 1.0   # of the sum
         for p, tensor in zip(self._bypass, summed):
-            self._store(p, tensor.div_(self._comm.size).to(p.dtype))
+            self._store(p, self._resparsify(p, tensor.mul_(scale).to(p.dtype)))
         self._exchanged += 1
         self._overflow = None
-        offenders = [(rank, round(index) - 1) for rank, index in enumerate(flags.tolist()) if index > 0]
+        offenders = [(self._members[i], round(index) - 1) for i, index in enumerate(flags.tolist()) if index > 0]
         if offenders:
             rank, index = offenders[0]
             self._overflow = (f"[rank {rank}] non-finite gradient (NaN/Inf) in parameter "
                               f"{self._names[self._trainable[index]]!r} at step {self._exchanged}")
             if self.fusion != "none":   # updates are applied as gradients land: nothing can skip them
                 self._raise_overflow()
+            while self._inflight:       # Horovod may finish the bypass first: let every gradient land, then fill
+                self._progress(wait=True)
             for p in self._compressor:
-                p.grad.fill_(float("inf"))
+                if p.grad.is_sparse:
+                    grad = p.grad
+                    p.grad = torch.sparse_coo_tensor(grad.indices(), torch.full_like(grad.values(), float("inf")),
+                                                     grad.shape).coalesce()
+                else:
+                    p.grad.fill_(float("inf"))
         return list(self._bypass)
 
     def _raise_overflow(self) -> None:
@@ -361,7 +473,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def set_backward_passes_per_step(self, passes: int) -> None:
         """Accumulate `passes` local backward passes per exchange from the next one on."""
         if passes < 1:
-            raise UserError(f"backward_passes_per_step={passes}: must be >= 1")
+            raise InvalidArgument(f"backward_passes_per_step={passes}: must be >= 1")
         self.backward_passes_per_step = passes
         self._passes = dict.fromkeys(self._passes, 0)
 
@@ -475,23 +587,100 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
                          compression: Compressor | Policy | None = None,
                          backward_passes_per_step: int = 1,
+                         op: Any = "average",
+                         gradient_predivide_factor: float = 1.0,
+                         num_groups: int = 0,
+                         groups: Any = None,
+                         sparse_as_dense: bool = False,
+                         process_set: Any = None,
+                         *,
                          fusion: Fusion = "none",
                          max_grad_norm: float | None = None) -> torch.optim.Optimizer:
     """Wrap a torch optimizer so gradients are averaged over all ranks, compressed on the way.
 
+    A drop-in for `hvd.DistributedOptimizer`: the same positional arguments, on either engine
+    (docs/horovod.md lists what each does here). Argument errors are `ValueError`s.
+
     Args:
-        optimizer: a constructed torch optimizer (SGD, Adam, AdamW, ...); its state is not kept.
+        optimizer: a constructed torch optimizer (SGD, Adam, AdamW, SparseAdam, ...); its state is not kept.
         named_parameters: `model.named_parameters()`; names key the per-layer policy and logs, and
             the collectives (as in Horovod: two optimizers whose exchanges may be in flight at
             once, e.g. with forward fusion, need distinct names, say with a prefix).
         compression: a compressor (`hpctrain.compression.AdaComp()`, ...) or a `Policy`;
             None sends every gradient dense (fp32), exactly like `hvd.DistributedOptimizer`.
+            Horovod's `hvd.Compression.none` / `hvd.Compression.fp16` are accepted too.
         backward_passes_per_step: local gradient accumulation steps before one exchange.
+        op: `hvd.Average` / "average" (the default) or `hvd.Sum` / "sum". `hvd.Adasum` is refused.
+        gradient_predivide_factor: with op=Average, gradients are scaled by 1/f before the sum and
+            by f/size after (Horovod's semantics: the same average, less risk of fp16 overflow).
+        num_groups, groups: Horovod's explicit grouping of allreduces (an int, or lists of
+            parameters). Accepted and checked, but hpctrain does its own grouping: every tensor
+            below the policy's `min_numel` rides one fused allreduce started in `step()`, and the
+            larger ones leave one by one as backward produces them (fused further by Horovod's
+            own tensor fusion on the Horovod engine), so a grouping adds nothing.
+        sparse_as_dense: send sparse gradients (`nn.Embedding(sparse=True)`) dense, and make the
+            averaged gradient sparse again for the update (as Horovod). Otherwise their rows are
+            allgathered and averaged (also as Horovod); compression does not apply to them.
+        process_set: reduce over these ranks only: a Horovod `ProcessSet` (registered with
+            `hvd.init(process_sets=...)` or `hvd.add_process_set`) on the Horovod engine, a
+            `torch.distributed.new_group(ranks)` on the torch engine; None: every rank.
         fusion: "none", "backward" (update each parameter as soon as its gradient is reduced)
             or "forward" (update just before its module's next forward; call `flush()` on
             every rank before reading or saving the parameters). Both are exact: the same
             updates as "none", with the hyper-parameters each had at `step()`.
         max_grad_norm: clip the averaged gradient's global norm (only with fusion="none").
     """
+    if num_groups:
+        warnings.warn("num_groups is deprecated (as in Horovod): use groups", DeprecationWarning, stacklevel=2)
+        groups = num_groups if groups is None else groups
+    compression = _from_horovod_compression(compression)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, fusion, max_grad_norm)
+    wrapped = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, fusion,
+                  max_grad_norm, op, gradient_predivide_factor, groups, sparse_as_dense, process_set)
+    # hvd.broadcast_optimizer_state(opt) creates the state of an optimizer with none by calling
+    # opt.step() — which would start collectives the root never joins (a hang) — unless
+    # opt.__module__ is Horovod's optimizer module; then it calls the wrapped class's step() (a
+    # local update from zero gradients), as for Horovod's own optimizer. The instance attribute
+    # changes only what that check sees (the class, its repr and pickling keep hpctrain's module).
+    wrapped.__module__ = "horovod.torch.optimizer"
+    return wrapped
+
+
+def _from_horovod_compression(compression: Any) -> Any:
+    """Horovod's `hvd.Compression.none` / `.fp16` (classes) → hpctrain's equivalents."""
+    if getattr(compression, "__module__", None) != "horovod.torch.compression":
+        return compression
+    name = getattr(compression, "__name__", type(compression).__name__)
+    if name == "NoneCompressor":
+        return None
+    if name == "FP16Compressor":
+        from hpctrain.compression import FP16
+        return FP16()
+    raise InvalidArgument(f"compression={compression!r}: of Horovod's compressors only Compression.none and "
+                          "Compression.fp16 are understood; use an hpctrain.compression compressor")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+    """Give every rank the root's optimizer state and hyper-parameters (after loading a checkpoint
+    on the root only), on either engine: the root's `state_dict()` (on the CPU) is broadcast as one
+    object and loaded by the others. Call it on every rank. Unlike `hvd.broadcast_optimizer_state`
+    it runs no update to create missing state, and works for any optimizer, LBFGS included.
+    Compression state (residuals) stays per rank: see `compression_state_dict`."""
+    communicator = comm.get()
+    flush = getattr(optimizer, "flush", None)
+    if flush is not None:
+        flush()                     # pending forward-fused updates first, on every rank
+    state = _to_cpu(optimizer.state_dict()) if communicator.rank == root_rank else None
+    state = communicator.broadcast_object(state, root=root_rank, name="hpctrain.broadcast_optimizer_state")
+    if communicator.rank != root_rank:
+        optimizer.load_state_dict(state)

@@ -6,3 +6,13 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+
+from tests.helpers import ENGINES  # noqa: E402
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each communication engine in turn, for tests of multi-rank behaviour."""
+    return request.param

@@ -11,6 +11,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
+# The communication engines every multi-rank behaviour is tested on (HPCTRAIN_BACKEND picks one).
+ENGINES = ("horovod", "torch")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # Open MPI chooses its transports (shared memory between ranks of one machine).
 MPIRUN_LOCAL = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
 # TCP over loopback only: runs anywhere, and inside a throttled network namespace.
@@ -35,12 +38,28 @@ def run_cli(args: list[str], cwd: Path | str | None = None, timeout: float = 120
 
 
 def run_mpi(np: int, args: list[str], cwd: Path | str | None = None, timeout: float = 180,
-            env: dict[str, str] | None = None, check: bool = True, program: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`mpirun -np NP hpctrain ARGS` (or `program ARGS`), over TCP loopback so it runs anywhere."""
+            env: dict[str, str] | None = None, check: bool = True, program: list[str] | None = None,
+            engine: str | None = None) -> subprocess.CompletedProcess:
+    """`mpirun -np NP hpctrain ARGS` (or `program ARGS`), over TCP loopback so it runs anywhere;
+    `engine` ("horovod", "torch") overrides the engine `auto` would choose (Horovod)."""
     cmd = MPIRUN + ["-np", str(np)] + (program or HPCTRAIN) + [str(a) for a in args]
+    return _run(cmd, f"mpirun -np {np}", args, cwd, timeout, env, check, engine)
+
+
+def run_torchrun(np: int, args: list[str], cwd: Path | str | None = None, timeout: float = 180,
+                 env: dict[str, str] | None = None, check: bool = True,
+                 program: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node NP -m hpctrain ARGS` (or `program ARGS`): the torch engine."""
+    cmd = TORCHRUN + ["--nproc-per-node", str(np)] + (program[1:] if program else ["-m", "hpctrain"])
+    return _run(cmd + [str(a) for a in args], f"torchrun -np {np}", args, cwd, timeout, env, check, None)
+
+
+def _run(cmd: list[str], what: str, args: list, cwd: Path | str | None, timeout: float,
+         env: dict[str, str] | None, check: bool, engine: str | None) -> subprocess.CompletedProcess:
+    env = dict(env or {}, **({"HPCTRAIN_BACKEND": engine} if engine else {}))
     proc = subprocess.run(cmd, cwd=cwd or REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"mpirun -np {np} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{what} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 

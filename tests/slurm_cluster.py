@@ -48,6 +48,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_name() -> str:
+    """This machine's short host name when it resolves (as a real cluster's node names do: srun
+    jobs find their rendezvous host in the node list), else "localhost"."""
+    host = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        return "localhost"
+
+
 def _sbin(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
@@ -57,7 +68,7 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
-        self.node = "hpctrain-node"
+        self.node = node_name()
         self._procs: list[subprocess.Popen] = []
         self._logs: list = []
 

@@ -12,7 +12,7 @@ import torch
 
 from hpctrain import checkpoint
 from hpctrain.h5log import read_log
-from tests.helpers import REPO, run_mpi
+from tests.helpers import ENGINES, REPO, run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -24,21 +24,21 @@ SETTINGS = ['data.name="digits"', 'model.name="mlp"', "model.args={width=32}", "
             "batch.warmup_steps=4", "checkpoint.every_steps=7", "checkpoint.keep=0"]
 
 
-def _train(tmp_path, name: str, resume: str | None = None) -> list[list[dict]]:
+def _train(tmp_path, name: str, engine: str, resume: str | None = None) -> list[list[dict]]:
     out = tmp_path / f"{name}.json"
     args = [out] + [a for s in SETTINGS + [f'run.out_dir="{tmp_path}"', f'run.name="{name}"'] for a in ("--set", s)]
-    run_mpi(RANKS, args + ([f"--resume={resume}"] if resume else []), program=PROBE, timeout=120)
+    run_mpi(RANKS, args + ([f"--resume={resume}"] if resume else []), program=PROBE, timeout=120, engine=engine)
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINES)
+def uninterrupted(request, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("batch")
-    return tmp_path, _train(tmp_path, "full")
+    return tmp_path, request.param, _train(tmp_path, "full", request.param)
 
 
 def test_every_rank_applies_rank0_decisions_at_the_same_step(uninterrupted):
-    tmp_path, ranks = uninterrupted
+    tmp_path, _, ranks = uninterrupted
     per_rank = [[(r["step"], r["batch"], r["accumulation"], r["lr"]) for r in records] for records in ranks]
     assert all(steps == per_rank[0] for steps in per_rank[1:])
     events = read_log(tmp_path / "full" / "log.h5")["events"]
@@ -54,7 +54,7 @@ def test_every_rank_applies_rank0_decisions_at_the_same_step(uninterrupted):
 
 
 def test_each_sample_once_per_epoch_across_mid_epoch_growth(uninterrupted):
-    tmp_path, ranks = uninterrupted
+    tmp_path, _, ranks = uninterrupted
     events = read_log(tmp_path / "full" / "log.h5")["events"]
     epoch_end_steps = {max(r["step"] for r in ranks[0] if r["epoch"] == e) for e in {r["epoch"] for r in ranks[0]}}
     assert set(events["step"]) - epoch_end_steps, "no growth fell inside an epoch"
@@ -66,7 +66,7 @@ def test_each_sample_once_per_epoch_across_mid_epoch_growth(uninterrupted):
 
 
 def test_resume_inside_a_grown_batch_phase_equals_the_uninterrupted_run(uninterrupted):
-    tmp_path, full = uninterrupted
+    tmp_path, engine, full = uninterrupted
     log = read_log(tmp_path / "full" / "log.h5")
     first_growth = int(log["events"]["step"][0])
     epoch_ends = set(log["evals"]["step"])
@@ -74,7 +74,7 @@ def test_resume_inside_a_grown_batch_phase_equals_the_uninterrupted_run(uninterr
     middle = next(p for p in saved if (s := torch.load(p, weights_only=False)["step"]) > first_growth + 1
                   and s not in epoch_ends and s not in set(log["events"]["step"]))
     resumed_at = torch.load(middle, weights_only=False)["step"]
-    resumed = _train(tmp_path, "resumed", resume=str(middle))
+    resumed = _train(tmp_path, "resumed", engine, resume=str(middle))
     for before, after in zip(full, resumed):
         assert after == [r for r in before if r["step"] > resumed_at]
     final_full = torch.load(checkpoint.list_checkpoints(tmp_path / "full")[-1], weights_only=False)

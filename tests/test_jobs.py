@@ -1,5 +1,6 @@
-"""Job templates: LSF rendering against golden files and jsrun arithmetic, Slurm layouts, bash -n
-and shellcheck on every site, one-line validation errors, and a real Slurm that runs the job.
+"""Job templates: rendering against golden files and jsrun arithmetic, Slurm layouts, the engine
+each site runs, bash -n and shellcheck on every site, one-line validation errors, and a real Slurm
+that runs the job on the torch engine (srun alone) and on Horovod (srun --mpi=pmix).
 
 Regenerate the golden files after an intended template change with
 `HPCTRAIN_UPDATE_GOLDEN=1 pytest tests/test_jobs.py -k golden` and review the diff.
@@ -55,7 +56,7 @@ def directives(script: str, prefix: str) -> list[str]:
     return [line[len(prefix):].strip() for line in script.splitlines() if line.startswith(prefix)]
 
 
-# --- LSF (Summit) -----------------------------------------------------------------------------
+# --- golden files ------------------------------------------------------------------------------
 
 GOLDEN_CASES = {
     "lsf_summit_1node": ["--site", "summit", "--account", "abc123", "--out-dir", GPFS, "--set", "batch.initial=96"],
@@ -63,11 +64,14 @@ GOLDEN_CASES = {
         "--scheduler", "lsf", "--nodes", "4", "--gpus-per-node", "3", "--walltime", "0:45", "--account", "abc123",
         "--queue", "debug", "--name", "digits-small", "--out-dir", GPFS, "--set", "batch.initial=96",
         "--set", "horovod.fusion_threshold_mb=16", "--set", "horovod.cycle_time_ms=2.5"],
+    "slurm_frontier_2nodes": ["--site", "frontier", "--account", "abc123", "--nodes", "2", "--out-dir", GPFS],
+    "slurm_perlmutter_1node": ["--site", "perlmutter", "--account", "m1234", "--out-dir", GPFS],
+    "slurm_local_horovod": ["--site", "local", "--engine", "horovod", "--out-dir", GPFS],
 }
 
 
 @pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
-def test_lsf_matches_golden(case):
+def test_matches_golden(case):
     text = render(*GOLDEN_CASES[case]).replace(str(REPO), "@REPO@")
     golden = GOLDEN / f"{case}.sh"
     if os.environ.get("HPCTRAIN_UPDATE_GOLDEN"):
@@ -98,8 +102,12 @@ def test_frontier_one_rank_per_gcd_bound_closest():
                  "-t 02:00:00", "-p batch", "--requeue"):
         assert flag in sbatch
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
-    assert srun.startswith("srun -N 2 -n 16 --ntasks-per-node=8 -c 7 --cpu-bind=cores --gpus-per-task=1 --gpu-bind=closest")
-    assert 'export NCCL_SOCKET_IFNAME="hsn0"' in script
+    assert srun.startswith("srun -N 2 -n 16 --ntasks-per-node=8 -c 7 --kill-on-bad-exit=1 --cpu-bind=cores "
+                           "--gpus-per-task=1 --gpu-bind=closest")
+    # OLCF's PyTorch guide: RCCL over Slingshot, MIOpen caches in /tmp, srun without torchrun.
+    assert 'export HPCTRAIN_BACKEND="torch"' in script and 'export NCCL_SOCKET_IFNAME="hsn0"' in script
+    assert 'export MIOPEN_USER_DB_PATH="/tmp/' in script and 'export MIOPEN_CUSTOM_CACHE_DIR="/tmp/' in script
+    assert "torchrun" not in srun
 
 
 def test_perlmutter_gpus_per_node_and_hardware_threads():
@@ -117,8 +125,14 @@ def test_train_command_environment_and_run_dir():
     job = plan("--site", "local", "--out-dir", "runs-x", "--name", "trial", "--set", "train.epochs=1",
                "--set", "horovod.fusion_threshold_mb=32", "--set", "horovod.cycle_time_ms=0.5")
     assert job.run_dir == REPO / "runs-x" / "trial"
-    assert job.env["HOROVOD_FUSION_THRESHOLD"] == str(32 * 1024 * 1024)
-    assert job.env["HOROVOD_CYCLE_TIME"] == "0.5" and job.env["HDF5_USE_FILE_LOCKING"] == "FALSE"
+    assert job.engine == "torch" and job.env["HPCTRAIN_BACKEND"] == "torch"
+    assert job.env["HDF5_USE_FILE_LOCKING"] == "FALSE"
+    assert not any(key.startswith("HOROVOD_") for key in job.env)  # Horovod's knobs only for Horovod
+    horovod = plan("--site", "local", "--engine", "horovod", "--set", "horovod.fusion_threshold_mb=32",
+                   "--set", "horovod.cycle_time_ms=0.5")
+    assert horovod.env["HPCTRAIN_BACKEND"] == "horovod"
+    assert horovod.env["HOROVOD_FUSION_THRESHOLD"] == str(32 * 1024 * 1024)
+    assert horovod.env["HOROVOD_CYCLE_TIME"] == "0.5"
     assert job.train_command == [
         "hpctrain", "train", "--config", str(REPO / CONFIG), "--resume=auto", "--set", "train.epochs=1",
         "--set", "horovod.fusion_threshold_mb=32", "--set", "horovod.cycle_time_ms=0.5",
@@ -131,6 +145,53 @@ def test_train_command_environment_and_run_dir():
 
 
 SITES = ["summit", "frontier", "perlmutter", "local"]
+SITE_ENGINES = {"summit": "horovod", "frontier": "torch", "perlmutter": "torch", "local": "torch"}
+
+
+def exports(script: str) -> dict[str, str]:
+    return dict(re.findall(r'^export ([A-Za-z_][A-Za-z0-9_]*)="(.*)"$', script, re.M))
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_each_site_names_its_engine(site):
+    assert jobs.load_site(site).engine == SITE_ENGINES[site]
+    script = render("--site", site, "--account", "abc123", "--out-dir", GPFS, "--set", "batch.initial=96")
+    env = exports(script)
+    engine = SITE_ENGINES[site]
+    assert env["HPCTRAIN_BACKEND"] == engine
+    assert ("HOROVOD_FUSION_THRESHOLD" in env) == (engine == "horovod")
+    assert f"# Engine: {'torch.distributed' if engine == 'torch' else 'Horovod'}" in script
+    # The launcher is the scheduler's own: no torchrun, no mpirun in any job.
+    commands = [line for line in script.splitlines() if not line.startswith("#")]
+    assert not any("torchrun" in line or "mpirun" in line for line in commands)
+    launch = next(line for line in script.splitlines() if line.startswith(("srun ", "jsrun ")))
+    assert launch.startswith("jsrun " if site == "summit" else "srun ")
+    if launch.startswith("srun "):
+        assert " --kill-on-bad-exit=1 " in launch
+
+
+@pytest.mark.parametrize("argv,engine", [
+    (["--site", "frontier", "--engine", "horovod"], "horovod"),
+    (["--site", "summit", "--engine", "torch"], "torch"),
+    (["--site", "local", "--set", 'dist.backend="horovod"'], "horovod"),  # the run config names it
+    (["--site", "summit", "--set", 'dist.backend="torch"', "--engine", "torch"], "torch"),
+    (["--site", "summit", "--set", 'dist.backend="auto"'], "horovod"),  # auto: the site decides
+])
+def test_engine_override(argv, engine):
+    job = plan("--account", "abc123", "--set", "batch.initial=96", *argv)
+    assert job.engine == engine and job.env["HPCTRAIN_BACKEND"] == engine
+    assert exports(jobs.render(job))["HPCTRAIN_BACKEND"] == engine
+
+
+def test_engine_cli_option(tmp_path):
+    proc = run_cli(["jobs", "render", "--site", "local", "--engine", "horovod", "--config", CONFIG,
+                    "--out-dir", tmp_path])
+    assert 'export HPCTRAIN_BACKEND="horovod"' in proc.stdout and "HOROVOD_FUSION_THRESHOLD" in proc.stdout
+    proc = run_cli(["jobs", "render", "--site", "local", "--engine", "mpi", "--config", CONFIG,
+                    "--out-dir", tmp_path], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hpctrain: error: --engine 'mpi' is not an engine; choose one of torch, horovod"]
 
 
 @pytest.mark.parametrize("site", SITES)
@@ -186,6 +247,9 @@ def write_site(tmp_path: Path, body: str) -> str:
     (["--site", "local", "--set", "horovod.cycle_time_ms=0"], "horovod.cycle_time_ms = 0.0 positive"),
     (["--site", "local", "--set", "horovod.fusion_mb=1"], "unknown key 'horovod.fusion_mb'"),
     (["--site", "local", "--site-file", "x.toml"], "either --site or --site-file"),
+    (["--site", "local", "--engine", "mpi"], "--engine 'mpi' is not an engine; choose one of torch, horovod"),
+    (["--site", "local", "--engine", "torch", "--set", 'dist.backend="horovod"'],
+     "--engine torch contradicts dist.backend = 'horovod' in the run config"),
 ])
 def test_impossible_requests_fail_in_one_line(argv, message):
     with pytest.raises(UserError) as info:
@@ -200,6 +264,8 @@ def test_impossible_requests_fail_in_one_line(argv, message):
     ('scheduler = "slurm"\nqueue = "two words"\n', "queue 'two words' may not contain spaces"),
     ('scheduler = "slurm"\n[env]\nX = "a\\"b"\n', "env X = 'a\"b'"),
     ('scheduler = "slurm\n', "is not valid TOML"),
+    ('scheduler = "slurm"\nengine = "mpi"\n', "engine = 'mpi' is not allowed; choose one of 'torch', 'horovod'"),
+    ('scheduler = "slurm"\n[env]\nHPCTRAIN_BACKEND = "torch"\n', "env HPCTRAIN_BACKEND; set engine = 'torch' or 'horovod'"),
 ])
 def test_bad_site_files_fail_in_one_line(tmp_path, body, message):
     with pytest.raises(UserError) as info:
@@ -251,12 +317,14 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def submit_and_wait(slurm: SlurmCluster, out_dir: Path, max_steps: int, monkeypatch, capsys) -> str:
+def submit_and_wait(slurm: SlurmCluster, out_dir: Path, max_steps: int, monkeypatch, capsys, *extra: str) -> str:
     """`hpctrain jobs submit` in this process (saves a torch import), then wait for the job to end."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    # The job's own export must decide the engine, not whatever the submitting shell passes on.
+    monkeypatch.setenv("HPCTRAIN_BACKEND", "auto")
     args = parse("--site", "local", "--out-dir", str(out_dir), "--set", "train.epochs=1",
-                 "--set", f"train.max_steps={max_steps}", "--set", "train.progress=false", action="submit")
+                 "--set", f"train.max_steps={max_steps}", "--set", "train.progress=false", *extra, action="submit")
     assert args.func(args) == 0
     job_id = capsys.readouterr().out.strip()
     assert re.fullmatch(r"\d+", job_id), job_id
@@ -266,14 +334,18 @@ def submit_and_wait(slurm: SlurmCluster, out_dir: Path, max_steps: int, monkeypa
     return job_id
 
 
-@pytest.mark.mpi
-def test_slurm_job_trains_two_ranks_and_resumes_when_resubmitted(slurm, tmp_path, monkeypatch, capsys):
+def test_slurm_job_trains_two_ranks_on_torch_engine_and_resumes_when_resubmitted(slurm, tmp_path, monkeypatch,
+                                                                                    capsys):
     first = submit_and_wait(slurm, tmp_path, max_steps=3, monkeypatch=monkeypatch, capsys=capsys)
     run_dir = tmp_path / "digits"
+    commands = [line for line in (run_dir / jobs.SCRIPT_NAME).read_text().splitlines() if not line.startswith("#")]
+    assert not any("mpirun" in line or "torchrun" in line for line in commands)  # srun alone starts the ranks
+    assert any(line.startswith("srun ") for line in commands)
     log = read_log(run_dir / "log.h5")
     assert log["attrs"]["world_size"] == 2
     assert list(log["steps"]["step"]) == [1, 2, 3]
-    assert "2 rank(s)" in (run_dir / f"job-{first}.out").read_text()
+    out = (run_dir / f"job-{first}.out").read_text()
+    assert "hpctrain: engine torch.distributed (gloo), 2 rank(s)" in out.splitlines()
 
     second = submit_and_wait(slurm, tmp_path, max_steps=5, monkeypatch=monkeypatch, capsys=capsys)
     log = read_log(run_dir / "log.h5")
@@ -281,3 +353,13 @@ def test_slurm_job_trains_two_ranks_and_resumes_when_resubmitted(slurm, tmp_path
     assert list(log["evals"]["step"]) == [3, 5]  # a fresh start would have rewritten the log
     assert [line.split()[0] for line in (run_dir / "jobs.txt").read_text().splitlines()] == [first, second]
     assert (run_dir / f"job-{second}.out").is_file()
+
+
+@pytest.mark.mpi
+def test_slurm_job_trains_on_horovod_via_srun_pmix(slurm, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("horovod.torch")
+    job_id = submit_and_wait(slurm, tmp_path, 2, monkeypatch, capsys, "--engine", "horovod")
+    run_dir = tmp_path / "digits"
+    assert list(read_log(run_dir / "log.h5")["steps"]["step"]) == [1, 2]
+    out = (run_dir / f"job-{job_id}.out").read_text()
+    assert any(line.startswith("hpctrain: engine horovod") and line.endswith("2 rank(s)") for line in out.splitlines()), out

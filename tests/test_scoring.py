@@ -104,11 +104,11 @@ def test_bad_argument_combinations(argv, message):
 
 
 @pytest.mark.mpi
-def test_scores_are_identical_on_one_and_four_ranks(digits_dir):
+def test_scores_are_identical_on_one_and_four_ranks(digits_dir, engine):
     args = ["score", "--data", digits_dir, "--method", "loss,el2n,grand,forgetting,feature-density",
             "--epochs", "2"] + SMALL_MLP
     run_cli(args + ["--out", digits_dir / "one.h5"])
-    proc = run_mpi(4, args + ["--out", digits_dir / "four.h5"])
+    proc = run_mpi(4, args + ["--out", digits_dir / "four.h5"], engine=engine)
     train = load_splits(DataConfig(name="digits")).train
     assert proc.stdout.count(f"wrote loss, el2n, grand, forgetting, feature-density scores of {len(train)} samples") == 1
     one, four = scoring.read_scores(digits_dir / "one.h5"), scoring.read_scores(digits_dir / "four.h5")

@@ -12,7 +12,7 @@ import pytest
 
 from hpctrain import checkpoint
 from hpctrain.h5log import STEP_COLUMNS, read_log
-from tests.helpers import HPCTRAIN, REPO, _env, run_cli, run_mpi
+from tests.helpers import ENGINES, HPCTRAIN, REPO, _env, run_cli, run_mpi
 
 DIGITS = str(REPO / "configs" / "digits.toml")
 
@@ -33,8 +33,10 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.mpi
-def test_two_ranks_write_the_step_log_and_checkpoints(tmp_path):
-    run_mpi(2, _train_args(tmp_path, "train.epochs=2"))
+def test_two_ranks_write_the_step_log_and_checkpoints(tmp_path, engine):
+    proc = run_mpi(2, _train_args(tmp_path, "train.epochs=2"), engine=engine)
+    assert proc.stdout.count("hpctrain: engine ") == 1 and f"engine {engine}" in proc.stdout.replace(
+        "torch.distributed", "torch")
     log = read_log(tmp_path / "digits" / "log.h5")
     steps, evals = log["steps"], log["evals"]
     assert set(STEP_COLUMNS) <= set(steps)
@@ -56,12 +58,15 @@ def test_two_ranks_write_the_step_log_and_checkpoints(tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("compression", ["none", "topk"])
-def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, compression):
+def test_resume_on_the_other_engine_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, compression, engine):
+    """Runs and checkpoints on `engine`, resumes on the other one (2 ranks: sums are exact either way)."""
+    other = next(e for e in ENGINES if e != engine)
     common = [f"compression.name={compression}", "compression.min_numel=256", "train.epochs=1",
               "checkpoint.every_steps=5", "checkpoint.keep=10"]
-    run_mpi(2, _train_args(tmp_path, "run.name=full", *common))
-    run_mpi(2, _train_args(tmp_path, "run.name=cut", "train.max_steps=12", *common))
-    run_mpi(2, _train_args(tmp_path, "run.name=cut", *common) + ["--resume", str(tmp_path / "cut/checkpoints" / f"step-{10:09d}.pt")])
+    run_mpi(2, _train_args(tmp_path, "run.name=full", *common), engine=engine)
+    run_mpi(2, _train_args(tmp_path, "run.name=cut", "train.max_steps=12", *common), engine=engine)
+    run_mpi(2, _train_args(tmp_path, "run.name=cut", *common) + ["--resume", str(tmp_path / "cut/checkpoints" / f"step-{10:09d}.pt")],
+            engine=other)
     full, cut = read_log(tmp_path / "full/log.h5"), read_log(tmp_path / "cut/log.h5")
     assert cut["steps"]["step"].tolist() == full["steps"]["step"].tolist()
     np.testing.assert_array_equal(cut["steps"]["loss"], full["steps"]["loss"])
@@ -100,24 +105,25 @@ def _nan_dataset(path, nan_rows):
 
 
 @pytest.mark.mpi
-def test_non_finite_loss_on_one_rank_takes_the_job_down(tmp_path):
+def test_non_finite_loss_on_one_rank_takes_the_job_down(tmp_path, engine):
     data = tmp_path / "nan.h5"
     _nan_dataset(data, nan_rows=list(range(0, 256, 32)))      # some land in the training split
     start = time.monotonic()
     proc = run_mpi(2, _train_args(tmp_path, f"data.name='{data}'", "train.epochs=3", "batch.initial=16"),
-                   check=False, timeout=120)
+                   check=False, timeout=120, engine=engine)
     assert "non-finite loss" in _one_line_error(proc)
     assert time.monotonic() - start < 60
 
 
 @pytest.mark.mpi
-def test_missing_data_file_on_one_rank_aborts_all(tmp_path):
+def test_missing_data_file_on_one_rank_aborts_all(tmp_path, engine):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     _nan_dataset(tmp_path / "a" / "data.h5", nan_rows=[])
     args = [str(a) for a in HPCTRAIN + _train_args(tmp_path, "data.name='data.h5'")]
     cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp",
             "-np", "1", "-wdir", str(tmp_path / "a")] + args + [":", "-np", "1", "-wdir", str(tmp_path / "b")] + args)
-    proc = subprocess.run(cmd, env=_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, env=_env({"PYTHONPATH": str(REPO), "HPCTRAIN_BACKEND": engine}),
+                          capture_output=True, text=True, timeout=120)
     line = _one_line_error(proc)
     assert "[rank 1]" in line and "data.h5" in line
 

@@ -5,6 +5,10 @@ Collectives that carry gradients are asynchronous and return a `Work` (poll with
 the result with `wait()`). Every rank must start the same collectives in the same order:
 torch.distributed matches them by order; Horovod by name, which the names passed here give it.
 Object and scalar collectives block.
+
+The gradient collectives take an optional `group`: a subset of the ranks (a Horovod
+`ProcessSet` on the Horovod engine, a `torch.distributed` process group on the torch engine);
+None is every rank. Only the members of the group call them; `group_ranks` lists the members.
 """
 from __future__ import annotations
 
@@ -36,15 +40,16 @@ class Communicator(abc.ABC):
     local_size: int
 
     @abc.abstractmethod
-    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True) -> Work:
+    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True, group: Any = None) -> Work:
         """Sum (or mean) over ranks into a new tensor; `tensor` is left as it is."""
 
     @abc.abstractmethod
-    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> Work:
+    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True,
+                                group: Any = None) -> Work:
         """One fused reduction of several tensors; `wait()` gives the list of results."""
 
     @abc.abstractmethod
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> Work:
+    def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> Work:
         """Concatenate along dim 0 in rank order; ranks may contribute different lengths."""
 
     @abc.abstractmethod
@@ -66,6 +71,14 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def barrier(self) -> None:
         """Wait for every rank."""
+
+    def group_ranks(self, group: Any = None) -> list[int]:
+        """The global ranks of `group` (None: every rank), in order; this rank must be one of them
+        (InvalidArgument otherwise, or when `group` is not of this engine's kind)."""
+        if group is not None:
+            from hpctrain.errors import InvalidArgument
+            raise InvalidArgument(f"the {self.engine} engine takes no process group ({group!r})")
+        return list(range(self.size))
 
     def sendable(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor`, or a copy in a dtype the engine can carry (the receiver casts back)."""

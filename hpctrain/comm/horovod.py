@@ -39,14 +39,40 @@ class HorovodCommunicator(Communicator):
     def _op(self, average: bool) -> Any:
         return self.hvd.Average if average else self.hvd.Sum
 
-    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True) -> _Handle:
-        return _Handle(self.hvd, self.hvd.allreduce_async(tensor, name=name, op=self._op(average)))
+    def _set(self, group: Any) -> Any:
+        """The Horovod process set for `group` (None: the global one)."""
+        if group is None:
+            return self.hvd.global_process_set
+        self.group_ranks(group)          # checks it
+        return group
 
-    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> _Handle:
-        return _Handle(self.hvd, self.hvd.grouped_allreduce_async_(list(tensors), name=name, op=self._op(average)))
+    def group_ranks(self, group: Any = None) -> list[int]:
+        from hpctrain.errors import InvalidArgument
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> _Handle:
-        return _Handle(self.hvd, self.hvd.allgather_async(tensor, name=name))
+        if group is None or group is self.hvd.global_process_set or getattr(group, "process_set_id", None) == 0:
+            return list(range(self.size))
+        if not isinstance(group, self.hvd.ProcessSet):
+            raise InvalidArgument(f"process_set={group!r}: on the Horovod engine pass a horovod ProcessSet "
+                                  "(a torch.distributed group needs HPCTRAIN_BACKEND=torch)")
+        if group.process_set_id is None or group.ranks is None:
+            raise InvalidArgument(f"process_set {group} is not registered with Horovod: pass it to "
+                                  "hvd.init(process_sets=[...]) or hvd.add_process_set() on every rank first")
+        ranks = list(group.ranks)
+        if self.rank not in ranks:
+            raise InvalidArgument(f"process_set with ranks {ranks} does not include this rank ({self.rank})")
+        return ranks
+
+    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True, group: Any = None) -> _Handle:
+        return _Handle(self.hvd, self.hvd.allreduce_async(tensor, name=name, op=self._op(average),
+                                                          process_set=self._set(group)))
+
+    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True,
+                                group: Any = None) -> _Handle:
+        return _Handle(self.hvd, self.hvd.grouped_allreduce_async_(list(tensors), name=name, op=self._op(average),
+                                                                   process_set=self._set(group)))
+
+    def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> _Handle:
+        return _Handle(self.hvd, self.hvd.allgather_async(tensor, name=name, process_set=self._set(group)))
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
         handles = [self.hvd.broadcast_async_(t, root_rank=root, name=f"hpctrain.broadcast.{i}")

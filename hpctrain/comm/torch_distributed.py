@@ -21,7 +21,7 @@ import torch.distributed as td
 
 from hpctrain.comm.base import Communicator
 from hpctrain.comm.launcher import Launch
-from hpctrain.errors import UserError
+from hpctrain.errors import InvalidArgument, UserError
 
 TORCH_BACKENDS = ("auto", "nccl", "gloo")
 # torch 2.13 renamed all_gather_into_tensor (older releases, e.g. 2.11 on GPU nodes, lack the new name).
@@ -123,8 +123,10 @@ class TorchCommunicator(Communicator):
             return tensor.detach().to("cpu")
         return tensor.detach()
 
-    def reduce(self, tensors: list[torch.Tensor], average: bool) -> list[torch.Tensor]:
-        """Sum (or mean) of tensors, fused into one flat buffer per dtype (on the comm thread)."""
+    def reduce(self, tensors: list[torch.Tensor], average: bool, group: Any = None) -> list[torch.Tensor]:
+        """Sum (or mean) of tensors over `group` (None: every rank), fused into one flat buffer
+        per dtype (on the comm thread)."""
+        size = self.size if group is None else td.get_world_size(group)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, t in enumerate(tensors):
             by_dtype.setdefault(t.dtype, []).append(i)
@@ -132,36 +134,51 @@ class TorchCommunicator(Communicator):
         for indices in by_dtype.values():
             flat = torch.cat([self._wire(tensors[i]).reshape(-1) for i in indices]) if len(indices) > 1 \
                 else self._wire(tensors[indices[0]]).reshape(-1).clone()
-            td.all_reduce(flat)
+            td.all_reduce(flat, group=group)
             if average:
-                flat.mul_(1.0 / self.size)       # as Horovod's Average: sum, then scale by 1/size
+                flat.mul_(1.0 / size)       # as Horovod's Average: sum, then scale by 1/size
             for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
                 out[i] = part.view(tensors[i].shape).to(tensors[i].device)
         return out
 
-    def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Variable-length allgather along dim 0: lengths first, then padded payloads (on the comm thread)."""
+    def allgather(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+        """Variable-length allgather along dim 0 over `group` (None: every rank): lengths first,
+        then padded payloads (on the comm thread)."""
+        size = self.size if group is None else td.get_world_size(group)
         wire = self._wire(tensor)
-        counts = torch.zeros(self.size, dtype=torch.int64, device=wire.device)
-        _all_gather_single(counts, torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device))
+        counts = torch.zeros(size, dtype=torch.int64, device=wire.device)
+        _all_gather_single(counts, torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device), group=group)
         lengths = counts.tolist()
         longest = max(lengths)
         if wire.shape[0] < longest:
             wire = torch.cat([wire, wire.new_zeros((longest - wire.shape[0], *wire.shape[1:]))])
-        gathered = wire.new_empty((self.size * longest, *wire.shape[1:]))
-        _all_gather_single(gathered, wire.contiguous())
+        gathered = wire.new_empty((size * longest, *wire.shape[1:]))
+        _all_gather_single(gathered, wire.contiguous(), group=group)
         parts = [gathered[r * longest: r * longest + n] for r, n in enumerate(lengths)]
         return torch.cat(parts).to(tensor.device)
 
     # -- the interface -----------------------------------------------------------------
-    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True) -> _Future:
-        return self.submit(lambda: self.reduce([tensor], average)[0])
+    def group_ranks(self, group: Any = None) -> list[int]:
+        if group is None or group is td.group.WORLD:
+            return list(range(self.size))
+        if not isinstance(group, td.ProcessGroup):
+            raise InvalidArgument(f"process_set={group!r}: on the torch engine pass a torch.distributed process "
+                                  "group (torch.distributed.new_group(ranks)); a Horovod ProcessSet needs "
+                                  "HPCTRAIN_BACKEND=horovod")
+        ranks = td.get_process_group_ranks(group)
+        if self.rank not in ranks:
+            raise InvalidArgument(f"process group with ranks {ranks} does not include this rank ({self.rank})")
+        return ranks
 
-    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True) -> _Future:
-        return self.submit(self.reduce, list(tensors), average)
+    def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True, group: Any = None) -> _Future:
+        return self.submit(lambda: self.reduce([tensor], average, group)[0])
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> _Future:
-        return self.submit(self.allgather, tensor)
+    def grouped_allreduce_async(self, tensors: Sequence[torch.Tensor], name: str, average: bool = True,
+                                group: Any = None) -> _Future:
+        return self.submit(self.reduce, list(tensors), average, group)
+
+    def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> _Future:
+        return self.submit(self.allgather, tensor, group)
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
         def broadcast() -> None:

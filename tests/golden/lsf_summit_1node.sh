@@ -3,6 +3,7 @@
 #
 # Layout: 1 node(s) x 6 resource sets = 6 ranks; one resource set
 # per GPU: 1 rank, 1 GPU and 7 cores (jsrun -a1 -g1 -c7, packed binding).
+# Engine: Horovod (HPCTRAIN_BACKEND below).
 #
 # Run directory: /gpfs/alpine/abc123/scratch/alice/runs/digits
 # It is named after the run, not the job: re-submitting this script (bsub < job.sh), or
@@ -20,10 +21,11 @@
 #BSUB -r
 set -euo pipefail
 
+export HPCTRAIN_BACKEND="horovod"
 export HDF5_USE_FILE_LOCKING="FALSE"
+export OMP_NUM_THREADS="7"
 export HOROVOD_FUSION_THRESHOLD="67108864"
 export HOROVOD_CYCLE_TIME="1"
-export OMP_NUM_THREADS="7"
 
 RUN_DIR=/gpfs/alpine/abc123/scratch/alice/runs/digits
 mkdir -p "$RUN_DIR"

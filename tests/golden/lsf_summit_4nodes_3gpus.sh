@@ -3,6 +3,7 @@
 #
 # Layout: 4 node(s) x 3 resource sets = 12 ranks; one resource set
 # per GPU: 1 rank, 1 GPU and 14 cores (jsrun -a1 -g1 -c14, packed binding).
+# Engine: Horovod (HPCTRAIN_BACKEND below).
 #
 # Run directory: /gpfs/alpine/abc123/scratch/alice/runs/digits-small
 # It is named after the run, not the job: re-submitting this script (bsub < job.sh), or
@@ -20,10 +21,11 @@
 #BSUB -r
 set -euo pipefail
 
+export HPCTRAIN_BACKEND="horovod"
 export HDF5_USE_FILE_LOCKING="FALSE"
+export OMP_NUM_THREADS="14"
 export HOROVOD_FUSION_THRESHOLD="16777216"
 export HOROVOD_CYCLE_TIME="2.5"
-export OMP_NUM_THREADS="14"
 
 RUN_DIR=/gpfs/alpine/abc123/scratch/alice/runs/digits-small
 mkdir -p "$RUN_DIR"

@@ -1,0 +1,43 @@
+#!/bin/bash
+# hpctrain job for perlmutter (Slurm + srun), rendered by `hpctrain jobs render`.
+#
+# Layout: 1 node(s) x 4 ranks = 4 ranks, 32 CPU(s) and one GPU per rank.
+# Engine: torch.distributed (HPCTRAIN_BACKEND below); every rank reads its rank and the rendezvous
+# (first node of the step, a port from the job id) from srun's SLURM_* variables: no torchrun.
+#
+# Run directory: /gpfs/alpine/abc123/scratch/alice/runs/digits
+# It is named after the run, not the job: re-submitting this script (sbatch job.sh), or
+# Slurm requeueing the job after a preemption or node failure (--requeue keeps the job
+# id), resumes from the latest checkpoint there (`hpctrain train --resume=auto`). Each
+# job's output is job-<jobid>.out/.err there and jobs.txt lists every job that worked on
+# the run. Use another --name for a separate run.
+#SBATCH -J digits
+#SBATCH -A m1234
+#SBATCH -N 1
+#SBATCH --ntasks-per-node=4
+#SBATCH -c 32
+#SBATCH --gpus-per-node=4
+#SBATCH -t 02:00:00
+#SBATCH -q regular
+#SBATCH -C gpu
+#SBATCH -o /gpfs/alpine/abc123/scratch/alice/runs/digits/job-%j.out
+#SBATCH -e /gpfs/alpine/abc123/scratch/alice/runs/digits/job-%j.err
+#SBATCH --requeue
+#SBATCH --open-mode=append
+set -euo pipefail
+
+export HPCTRAIN_BACKEND="torch"
+export HDF5_USE_FILE_LOCKING="FALSE"
+export OMP_NUM_THREADS="16"
+
+RUN_DIR=/gpfs/alpine/abc123/scratch/alice/runs/digits
+mkdir -p "$RUN_DIR"
+echo "$SLURM_JOB_ID $(date -u +%Y-%m-%dT%H:%M:%SZ) 4 ranks on 1 node(s)" >> "$RUN_DIR/jobs.txt"
+cd @REPO@
+
+# srun does not inherit -c from the allocation on every Slurm version, so the step repeats it;
+# --kill-on-bad-exit ends the whole step as soon as one rank fails.
+srun -N 1 -n 4 --ntasks-per-node=4 -c 32 --kill-on-bad-exit=1 --cpu-bind=cores --gpus-per-node=4 \
+    hpctrain train --config @REPO@/configs/digits.toml --resume=auto \
+    --set 'run.out_dir="/gpfs/alpine/abc123/scratch/alice/runs"' \
+    --set 'run.name="digits"'
