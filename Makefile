@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST)
 
 bench: setup
-	$(PY) benchmarks/run_all.py --out benchmarks/RESULTS.md
+	$(PY) benchmarks/run_all.py --out benchmarks/out/RESULTS.md
 
 clean:
 	rm -rf runs .pytest_cache

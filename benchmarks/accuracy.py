@@ -31,12 +31,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hpctrain.compression.registry import NAMES  # noqa: E402
 from hpctrain.config import load_config  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
 from hpctrain.models import build_model  # noqa: E402
 from tests.helpers import MPIRUN_LOCAL  # noqa: E402
 
-METHODS = ["none", "fp16", "topk", "threshold", "adacomp", "lowrank"]
+METHODS = list(NAMES)
 OPTIMIZERS = {"sgd": ['train.optimizer="sgd"', "train.lr=0.1", "train.momentum=0.9"],
               "adam": ['train.optimizer="adam"', "train.lr=0.005"]}
 

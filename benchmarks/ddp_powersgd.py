@@ -1,4 +1,6 @@
-"""The peer to beat: torch DistributedDataParallel over Gloo with torch's own PowerSGD hook.
+"""The peer to beat: torch DistributedDataParallel over Gloo with torch's own PowerSGD hook
+(`--hook powersgd`), or with hpctrain's compressors as a DDP hook (`--hook hpctrain`: the
+config's `[compression]` policy through `hpctrain.ddp_comm_hook`).
 
 Run by `benchmarks/link.py` under mpirun, on the same run config as `hpctrain train`: the
 same model, data split, seed, sampler (each rank's slice of every global batch), optimizer,
@@ -37,6 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import hpctrain  # noqa: E402
+from hpctrain.compression import policy_from_config  # noqa: E402
 from hpctrain.config import Config, load_config  # noqa: E402
 from hpctrain.data import Dataset, filtering, load_splits  # noqa: E402
 from hpctrain.data.sampler import GlobalBatchSampler  # noqa: E402
@@ -76,11 +80,10 @@ def device_and_backend(local_rank: int) -> tuple[torch.device, str]:
 
 
 class Meter:
-    """The PowerSGD hook's state, plus what the current step sent and how long its exchange took."""
+    """A hook's state, plus what the current step sent and how long its exchange took."""
 
-    def __init__(self, rank: int, dense_steps: int):
-        self.state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank,
-                                            start_powerSGD_iter=max(MIN_START_ITER, dense_steps))
+    def __init__(self, state: object, hook=None):
+        self.state, self.hook = state, hook      # `hook`: the wrapped hook, where it is not torch's PowerSGD
         self.wire_bytes = 0
         self.comm_time_s = 0.0
 
@@ -104,11 +107,35 @@ def metered_powersgd_hook(meter: Meter, bucket):  # no hints here: DDP rejects s
         future = powersgd.powerSGD_hook(state, bucket)
         numel = state.total_numel_after_compression - before
     meter.wire_bytes += numel * buffer.element_size()
+    return _timed(meter, future, start)
 
+
+def metered_hpctrain_hook(meter: Meter, bucket):  # no hints here: DDP rejects string annotations
+    """hpctrain's hook, with its own count of the payload bytes it hands to the network."""
+    start, before = time.perf_counter(), meter.state.wire_bytes
+    future = meter.hook(meter.state, bucket)
+    meter.wire_bytes += meter.state.wire_bytes - before
+    return _timed(meter, future, start)
+
+
+def _timed(meter: Meter, future: torch.futures.Future, start: float) -> torch.futures.Future:
     def stop(done: torch.futures.Future) -> torch.Tensor:
         meter.comm_time_s += time.perf_counter() - start
         return done.value()
     return future.then(stop)
+
+
+def register_hook(ddp: DistributedDataParallel, hook: str, cfg: Config, powersgd_rank: int) -> tuple[Meter, str]:
+    """The chosen hook on `ddp`, metered; and how the log names the peer."""
+    if hook == "hpctrain":
+        meter = Meter(*hpctrain.ddp_comm_hook(policy_from_config(cfg.compression), model=ddp))
+        ddp.register_comm_hook(meter, metered_hpctrain_hook)
+        return meter, f"hpctrain.ddp_comm_hook {cfg.compression.name}"
+    meter = Meter(powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                         start_powerSGD_iter=max(MIN_START_ITER, cfg.compression.warmup_steps)))
+    ddp.register_comm_hook(meter, metered_powersgd_hook)
+    return meter, f"powerSGD_hook rank {powersgd_rank}"
+
 
 
 def to_device(dataset: Dataset, positions: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +159,7 @@ def evaluate(model: nn.Module, val: Dataset, rank: int, world: int, device: torc
     return float(sums[0]) / len(val), float(sums[1]) / len(val)
 
 
-def train(cfg: Config, powersgd_rank: int, port: int) -> None:
+def train(cfg: Config, powersgd_rank: int, port: int, hook: str = "powersgd") -> None:
     check_supported(cfg)
     rank, world, local_rank = launcher_rank_size()
     device, backend = device_and_backend(local_rank)
@@ -146,14 +173,13 @@ def train(cfg: Config, powersgd_rank: int, port: int) -> None:
     kwargs = {"momentum": t.momentum} if t.optimizer == "sgd" else {}
     ddp = DistributedDataParallel(model, bucket_cap_mb=1000)
     optimizer = OPTIMIZERS[t.optimizer](ddp.parameters(), lr=t.lr, weight_decay=t.weight_decay, **kwargs)
-    meter = Meter(powersgd_rank, dense_steps=cfg.compression.warmup_steps)
-    ddp.register_comm_hook(meter, metered_powersgd_hook)
+    meter, peer = register_hook(ddp, hook, cfg, powersgd_rank)
     dense_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     sampler = GlobalBatchSampler(positions, cfg.run.seed, rank, world)
     loss_fn, batch = nn.CrossEntropyLoss(), cfg.batch.initial
-    log = StepLog(cfg.run_dir / "log.h5", {"config": cfg.to_json(), "world_size": world,
-                                           "peer": f"torch {torch.__version__} DDP ({backend}) + powerSGD_hook "
-                                                   f"rank {powersgd_rank}, one bucket"}) if rank == 0 else None
+    log = (StepLog(cfg.run_dir / "log.h5", {"config": cfg.to_json(), "world_size": world,
+                                           "peer": f"torch {torch.__version__} DDP ({backend}) + {peer}, one bucket"})
+           if rank == 0 else None)
     step = samples_seen = 0
     elapsed = 0.0
     try:
@@ -204,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one config value, as in `hpctrain train`")
     parser.add_argument("--rank", type=int, default=4, help="PowerSGD matrix approximation rank (default 4)")
     parser.add_argument("--port", type=int, default=29517, help="TCP port of the rendezvous store on 127.0.0.1")
+    parser.add_argument("--hook", choices=("powersgd", "hpctrain"), default="powersgd",
+                        help="torch's PowerSGD hook, or hpctrain's compressors (the config's [compression]) as a hook")
     args = parser.parse_args(argv)
     try:
         if args.rank < 1:
             raise UserError(f"--rank {args.rank}: the PowerSGD rank must be a positive integer")
-        train(load_config(args.config, args.set), args.rank, args.port)
+        train(load_config(args.config, args.set), args.rank, args.port, args.hook)
     except UserError as exc:
         print(f"ddp_powersgd.py: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -42,8 +42,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import netns  # noqa: E402
 from hpctrain import comm  # noqa: E402
 from hpctrain.cli import run_guarded  # noqa: E402
-from hpctrain.compression import build_compressor  # noqa: E402
-from hpctrain.config import CompressionConfig  # noqa: E402
+from hpctrain.compression import registry  # noqa: E402
 from hpctrain.optimizer import DistributedOptimizer  # noqa: E402
 from tests.helpers import MPIRUN, MPIRUN_LOCAL  # noqa: E402
 
@@ -92,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
         model = models[mode] = wide_mlp(args.width, args.depth, device)
         opt = optimizers[mode] = DistributedOptimizer(
             torch.optim.Adam(model.parameters(), lr=1e-4), [(f"{mode}.{n}", p) for n, p in model.named_parameters()],
-            compression=build_compressor(args.compression, CompressionConfig()), fusion=mode)
+            compression=registry.build(args.compression), fusion=mode)
 
         def step(model=model, opt=opt) -> None:
             nn.functional.cross_entropy(model(x), y).backward()

@@ -8,10 +8,11 @@ the same seed for the same number of steps, one after the other, and one table c
 
     python benchmarks/link.py --rate 1gbit --rate 100mbit --model mlp --ranks 4 --steps 30
 
-Methods: `dense` (Horovod fp32 allreduce: hpctrain with compression "none", exactly
+Methods: `dense` (fp32 allreduce: hpctrain with compression "none", exactly
 hvd.DistributedOptimizer's traffic), `fp16`, each hpctrain compressor (`topk`, `threshold`,
-`adacomp`, `lowrank`), and `ddp-powersgd` (benchmarks/ddp_powersgd.py: torch DDP over Gloo with
-torch's PowerSGD hook at the same rank as `lowrank`). Step time, comm time and bytes are means over
+`adacomp`, `lowrank`), each on every engine of `--engines` (Horovod over MPI; torch.distributed
+over Gloo), and `ddp-powersgd` (benchmarks/ddp_powersgd.py: torch DDP over Gloo with torch's
+PowerSGD hook at the same rank as `lowrank`). Speedups are against dense Horovod. Step time, comm time and bytes are means over
 the steps after the first `WARMUP_STEPS` (set-up: first allocations, Horovod negotiation,
 the dense start); every compressor, like the peer's PowerSGD hook, sends its first
 `DENSE_START` steps dense (`compression.warmup_steps`), so all start from the same updates; bytes are what rank 0 hands to the network per step (indices included);
@@ -57,7 +58,11 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 COMPRESSORS = ("topk", "threshold", "adacomp", "lowrank")
 PEER_METHOD = "ddp-powersgd"
-METHODS = ("dense", "fp16", *COMPRESSORS, PEER_METHOD)
+HOOK_METHOD = "ddp-hpctrain-lowrank"      # DDP with hpctrain's LowRank as its comm hook
+DDP_METHODS = {PEER_METHOD: "powersgd", HOOK_METHOD: "hpctrain"}
+METHODS = ("dense", "fp16", *COMPRESSORS, PEER_METHOD, HOOK_METHOD)
+ENGINES = ("horovod", "torch")
+BASELINE = "dense (horovod)"
 
 
 def toml_value(value: Any) -> str:
@@ -71,7 +76,12 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
-def run_settings(model: str, method: str, steps: int, evals: int, out_dir: Path) -> dict[str, Any]:
+def label(method: str, engine: str) -> str:
+    """A row's name: the method and the engine it ran on (DDP runs have their own: Gloo)."""
+    return method if method in DDP_METHODS else f"{method} ({engine})"
+
+
+def run_settings(model: str, method: str, steps: int, evals: int, out_dir: Path, engine: str = "horovod") -> dict[str, Any]:
     """Config overrides for one run. The data set is sized so that an epoch lasts steps / evals
     steps: hpctrain evaluates at epoch ends, and the cosine LR spans exactly the benchmark."""
     steps_per_epoch = max(1, steps // evals)
@@ -80,8 +90,9 @@ def run_settings(model: str, method: str, steps: int, evals: int, out_dir: Path)
             "train.max_steps": steps, "train.epochs": math.ceil(steps / steps_per_epoch),
             "batch.initial": GLOBAL_BATCH, "data.name": "mnist1d", "data.val_fraction": 0.2,
             "data.num_samples": math.ceil(train_samples / 0.8), "checkpoint.every_epochs": 0,
-            "train.progress": False, "compression.name": "none" if method in ("dense", PEER_METHOD) else method,
-            "compression.lowrank.rank": LOWRANK_RANK, "compression.warmup_steps": DENSE_START, "run.seed": 0, "run.name": method, "run.out_dir": str(out_dir)}
+            "train.progress": False, "compression.name": {"dense": "none", PEER_METHOD: "none", HOOK_METHOD: "lowrank"}.get(method, method),
+            "compression.lowrank.rank": LOWRANK_RANK, "compression.warmup_steps": DENSE_START, "run.seed": 0, "run.name": f"{method}-{engine}",
+            "run.out_dir": str(out_dir), "dist.backend": engine}
 
 
 def set_args(settings: dict[str, Any]) -> list[str]:
@@ -97,7 +108,8 @@ def free_port() -> int:
 
 # -- the bandwidth probe (runs under mpirun) ------------------------------------------------
 def probe_main(megabytes: float, repeats: int) -> None:
-    """Each rank: time `repeats` Horovod allreduces of `megabytes` MB; rank 0 prints one JSON line."""
+    """Each rank: time `repeats` allreduces of `megabytes` MB (the engine `auto` picks under
+    mpirun: Horovod); rank 0 prints one JSON line."""
     import torch
 
     from hpctrain import comm
@@ -167,21 +179,24 @@ def summarize(method: str, log: dict[str, Any]) -> Result:
                   evals=list(zip(evals["wall_time_s"].tolist(), evals["val_accuracy"].tolist())))
 
 
-def train(method: str, model: str, ranks: int, steps: int, evals: int, out_dir: Path) -> Result:
+def train(method: str, engine: str, model: str, ranks: int, steps: int, evals: int, out_dir: Path) -> Result:
     """Run one method to completion; a failed run becomes a row that says why."""
-    sets = set_args(run_settings(model, method, steps, evals, out_dir))
-    if method == PEER_METHOD:
-        args, program = ["--config", CONFIG, *sets, "--rank", LOWRANK_RANK, "--port", free_port()], [sys.executable, str(PEER)]
+    settings = run_settings(model, method, steps, evals, out_dir, engine)
+    sets = set_args(settings)
+    if method in DDP_METHODS:
+        args = ["--config", CONFIG, *sets, "--rank", LOWRANK_RANK, "--port", free_port(), "--hook", DDP_METHODS[method]]
+        program = [sys.executable, str(PEER)]
     else:
         args, program = ["train", "--config", CONFIG, *sets], None
-    try:
-        run_mpi(ranks, args, program=program, timeout=3600)
+    run_dir = out_dir / settings["run.name"]
+    try:     # Gloo inside the namespace: its one loopback
+        run_mpi(ranks, args, program=program, timeout=3600, env={"GLOO_SOCKET_IFNAME": "lo"})
     except AssertionError as failure:      # run_mpi's report: the command, then all output
-        report = out_dir / method / "failure.log"
+        report = run_dir / "failure.log"
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(str(failure))
-        return Result(method, error=f"{failure_reason(str(failure))} (see {report})")
-    return summarize(method, read_log(out_dir / method / "log.h5"))
+        return Result(label(method, engine), error=f"{failure_reason(str(failure))} (see {report})")
+    return summarize(label(method, engine), read_log(run_dir / "log.h5"))
 
 
 def failure_reason(output: str) -> str:
@@ -197,13 +212,13 @@ def failure_reason(output: str) -> str:
 # -- the table ----------------------------------------------------------------------------
 def default_target(results: list[Result]) -> float:
     """95% of dense Horovod's final accuracy (or of the best final accuracy if dense is absent)."""
-    dense = next((r for r in results if r.method == "dense" and not r.error), None)
+    dense = next((r for r in results if r.method == BASELINE and not r.error), None)
     pool = [dense] if dense else [r for r in results if not r.error]
     return 0.95 * max((r.final_accuracy for r in pool), default=math.nan)
 
 
 def table(results: list[Result], target: float) -> list[str]:
-    dense = next((r for r in results if r.method == "dense" and not r.error), None)
+    dense = next((r for r in results if r.method == BASELINE and not r.error), None)
     lines = [f"| method | step (ms) | comm (ms) | samples/s | MB sent/step | compression | speedup vs dense "
              f"| final val acc | time to {100 * target:.1f}% (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -223,15 +238,15 @@ def verdict(results: list[Result]) -> list[str]:
     """The issue's targets: the best hpctrain compressor vs dense Horovod and vs torch PowerSGD,
     at matched final accuracy (within 1 pt of PowerSGD's, when such a compressor exists)."""
     ok = {r.method: r for r in results if not r.error}
-    ours = [ok[m] for m in COMPRESSORS if m in ok]
+    ours = [ok[label(m, e)] for m in COMPRESSORS for e in ENGINES if label(m, e) in ok]
     if not ours:
         return []
     peer = ok.get(PEER_METHOD)
     matched = [r for r in ours if peer is None or r.final_accuracy >= peer.final_accuracy - 0.01]
     best = min(matched or ours, key=lambda r: r.step_s)
     lines = [f"- best hpctrain compressor: {best.method} ({'at matched accuracy' if matched else 'none matches the peer accuracy'})"]
-    if "dense" in ok:
-        ratio = ok["dense"].step_s / best.step_s
+    if BASELINE in ok:
+        ratio = ok[BASELINE].step_s / best.step_s
         lines.append(f"  - vs dense Horovod: {ratio:.2f}× faster per step (target ≥ 3×: {'met' if ratio >= 3 else 'MISSED'})")
     if peer is not None:
         ratio = peer.step_s / best.step_s
@@ -258,12 +273,15 @@ def benchmark(rate: str, args: argparse.Namespace) -> None:
     results = []
     with link(rate):
         print(measure_bandwidth(args.ranks, args.probe_mb).describe(rate) + "\n", flush=True)
-        for method in args.methods:
+        runs = [(method, engine) for method in args.methods for engine in args.engines
+                if method not in DDP_METHODS or engine == args.engines[0]]
+        for method, engine in runs:
             start = time.perf_counter()
-            results.append(train(method, args.model, args.ranks, args.steps, args.evals, args.out / f"{args.model}-{rate}"))
+            results.append(train(method, engine, args.model, args.ranks, args.steps, args.evals,
+                                 args.out / f"{args.model}-{rate}"))
             r = results[-1]
             status = f"failed: {r.error}" if r.error else f"{1e3 * r.step_s:.0f} ms/step, final val acc {100 * r.final_accuracy:.1f}%"
-            print(f"  {method}: {status} ({time.perf_counter() - start:.0f} s wall)", file=sys.stderr, flush=True)
+            print(f"  {r.method}: {status} ({time.perf_counter() - start:.0f} s wall)", file=sys.stderr, flush=True)
     target = args.target if args.target is not None else default_target(results)
     print("\n".join(table(results, target)))
     print("\n" + "\n".join(verdict(results)))
@@ -288,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per method (default 30)")
     parser.add_argument("--evals", type=int, default=3, help="validation evaluations per run (default 3)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated engines to run hpctrain's "
+                                                                     "methods on (default horovod,torch)")
     parser.add_argument("--target", type=float, help="validation accuracy for 'time to' (default: 95%% of dense's final)")
     parser.add_argument("--probe-mb", type=float, default=16, help="allreduce size of the bandwidth probe (MiB)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "link", help="where the step logs go")
@@ -302,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             if rate != "none":
                 netns.parse_rate(rate)
         args.methods = parse_methods(args.methods)
+        args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        if not args.engines or set(args.engines) - set(ENGINES):
+            raise UserError(f"--engines {','.join(args.engines)}: choose from {', '.join(ENGINES)}")
         if args.steps <= WARMUP_STEPS + 1 or not 1 <= args.evals <= args.steps:
             raise UserError(f"--steps {args.steps} --evals {args.evals}: need steps > {WARMUP_STEPS + 1} "
                             "(the first steps are set-up) and 1 <= evals <= steps")

@@ -3,14 +3,21 @@
 A checkpoint is one `torch.save` file `<run_dir>/checkpoints/step-<N>.pt` holding the model,
 optimizer, per-rank compression memories, sampler position, RNG states, batch-size state and a
 schema version. It is written to a temp name, fsynced, then renamed, so a killed run never
-leaves a half-written file under a real name.
+leaves a half-written file under a real name; a full disk removes the temp file and says so in
+one line (`DiskFull`), leaving the previous checkpoints as they were.
+
+Resuming checks what it resumes: `config_differences` compares the checkpoint's config with the
+new one (`MUST_MATCH` keys must be equal; the rest may change and are reported as changes), and
+`load_latest` falls back to the previous intact checkpoint when the newest is truncated or corrupt.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -24,17 +31,85 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def free_space(path: Path) -> str:
+    """Free space on the file system holding `path` (or its nearest existing parent), readable."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An exception that means the disk (or quota) is full; torch wraps the OSError in a RuntimeError."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+    text = str(exc)
+    return any(s in text for s in ("No space left", "Disk quota exceeded", "file write failed",
+                                   "File too large", "errno = 28"))
+
+
+class DiskFull(UserError):
+    """A write ran out of space: one line naming the path and the free space."""
+
+
+def disk_full(path: Path, what: str = "") -> DiskFull:
+    return DiskFull(f"disk full writing {path}{what} ({free_space(path)} free there); the previous files "
+                    f"are intact and the partial one was removed: free some space, then run again with "
+                    f"--resume=auto")
+
+
+def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """`write(f)` into a temp file next to `path`, fsync, rename; on any failure the temp file is removed
+    (a full disk becomes `DiskFull`)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full(path) from None
+        raise
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Temp files an interrupted save left behind (only while this job holds the run's lock)."""
+    directory = checkpoint_dir(run_dir)
+    found = list(directory.glob(".step-*.pt.tmp*")) if directory.is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 def save(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
     """Write `state` atomically as step-<step>.pt and keep only the newest `keep` checkpoints."""
     directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(directory) from None
+        raise
     path = directory / f"step-{step:09d}.pt"
-    tmp = directory / f".{path.name}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(dict(state, schema_version=SCHEMA_VERSION, step=step), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(dict(state, schema_version=SCHEMA_VERSION, step=step), f))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -64,6 +139,60 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise UserError(f"checkpoint {str(path)!r} has schema version {found}, expected {SCHEMA_VERSION}; "
                         "it was written by another hpctrain version")
     return state
+
+
+def load_latest(run_dir: Path, say: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, falling back past truncated or corrupt ones (saying so);
+    None when the run has no checkpoint; a UserError when none of them loads."""
+    found = list_checkpoints(run_dir)
+    errors: list[str] = []
+    for path in reversed(found):
+        try:
+            state = load(path)
+        except UserError as exc:
+            errors.append(str(exc))
+            continue
+        for line in errors:
+            say(f"hpctrain: {line.split('; ')[0]}; resuming from the previous intact checkpoint {path.name}")
+        return path, state
+    if found:
+        raise UserError(f"none of the {len(found)} checkpoint(s) in {checkpoint_dir(run_dir)} loads "
+                        f"({errors[0]}); start a new run with --overwrite")
+    return None
+
+
+# Keys a resumed run must share with its checkpoint (prefixes of flattened keys): they decide what
+# the model is, what it trains on and how. Everything else may change and is reported.
+MUST_MATCH = ("run.seed", "data.", "model.", "compression.", "batch.", "train.optimizer", "train.lr",
+              "train.momentum", "train.weight_decay", "train.lr_schedule", "train.backward_passes_per_step",
+              "train.fusion")
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not full.startswith(("model.args", "compression.rules")):
+            out.update(_flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+    """(keys that must match but differ, as 'key: old -> new'; keys that may change and did)."""
+    a, b = _flatten(old or {}), _flatten(new)
+    mismatched, changed = [], []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:            # a key newer than the checkpoint: its default applies
+            continue
+        if a.get(key) == b.get(key):
+            continue
+        if any(key == m or (m.endswith(".") and key.startswith(m)) for m in MUST_MATCH):
+            mismatched.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        else:
+            changed.append((key, a.get(key), b.get(key)))
+    return mismatched, changed
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

@@ -30,22 +30,78 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def run_guarded(func: Callable[[], int | None]) -> int:
-    """Run a command; a UserError becomes one line, and in a multi-rank job any error aborts all ranks."""
+# Seconds a rank other than 0 waits before printing an error of its own: when every rank hits
+# the same error, rank 0's line and abort come first and this rank never prints (one message).
+SECOND_RANK_GRACE_S = 3.0
+
+
+def _default_signals() -> None:
+    """Errors end the process: a launcher's SIGTERM to the other ranks must end them, not ask them to checkpoint."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        try:
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+        except (ValueError, TypeError):
+            pass
+
+
+def _agreed_exit(exc: "AgreedError") -> int:
+    """An error every rank raised together: rank 0 says it (once), every rank exits without an abort."""
+    import time
+
     from hpctrain import comm
+    from hpctrain.comm import launcher
+
+    launch = launcher.detect()
+    if launch.rank == 0:
+        if not exc.printed:
+            print(f"hpctrain: error: {exc}", file=sys.stderr, flush=True)
+    elif not exc.printed:
+        if comm.is_initialized():        # decided from values every rank shares: rank 0 says it
+            time.sleep(1.0)
+        else:                            # before the engine starts (config): rank 0 says it unless only we failed
+            time.sleep(SECOND_RANK_GRACE_S)
+            print(f"hpctrain: error: [rank {launch.rank}] {exc}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    return exc.code
+
+
+def run_guarded(func: Callable[[], int | None]) -> int:
+    """Run a command; a UserError becomes one line (printed once per job, by the rank that failed, rank 0
+    first), and in a multi-rank job any error aborts all ranks."""
+    import time
+
+    from hpctrain import comm
+    from hpctrain.comm import launcher
+    from hpctrain.rundir import AgreedError, release_all
 
     try:
         return func() or 0
+    except AgreedError as exc:
+        _default_signals()
+        release_all()
+        return _agreed_exit(exc)
     except PeerFailure:              # the failing rank prints the one line and takes the job down
+        _default_signals()
+        release_all()
         comm.abort(None, code=2)
     except UserError as exc:
+        _default_signals()
+        release_all()
+        launch = launcher.detect()
+        if launch.rank != 0 and launch.size > 1:
+            time.sleep(SECOND_RANK_GRACE_S)      # rank 0 failing the same way says it and takes us down
         comm.abort(str(exc), code=2)
     except KeyboardInterrupt:
+        release_all()
         comm.abort("interrupted", code=130)
     except BrokenPipeError:          # `hpctrain ... | head` closed our stdout: not an error
         sys.stderr.close()
         return 0
     except Exception:
+        _default_signals()
+        release_all()
         traceback.print_exc()
         comm.abort("unexpected error (traceback above); please report it", code=1)
     return 1  # not reached: abort exits

@@ -7,16 +7,18 @@ outside a `Literal`'s choices, so a typo fails on every rank before any work sta
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hpctrain.compression import registry
 from hpctrain.errors import UserError
+from hpctrain.schema import build
+
+COMPRESSOR_NAMES = registry.NAMES
 
 
 @dataclass
@@ -69,7 +71,11 @@ class TrainConfig:
     max_steps: int = 0
     backward_passes_per_step: int = 1
     fusion: Literal["none", "backward", "forward"] = "none"
+    # Stop (before saving a checkpoint of the diverged model) on a non-finite training or validation
+    # loss, and on a training loss above explode_factor x max(its lowest value so far, explode_floor).
     abort_on_nan: bool = True
+    explode_factor: float = 1e4
+    explode_floor: float = 0.01
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
 
@@ -106,6 +112,9 @@ class CheckpointConfig:
     every_steps: int = 0
     every_epochs: int = 1
     keep: int = 2
+    # Seconds one checkpoint write is expected to take; job templates size the walltime warning
+    # signal from it until a run has measured its own (RUN_DIR/timing.json).
+    write_s: float = 30.0
 
 
 @dataclass
@@ -115,47 +124,18 @@ class LogConfig:
 
 
 @dataclass
-class AdaCompConfig:
-    conv_bin: int = 50
-    fc_bin: int = 500
-    quantize: bool = True
-
-
-@dataclass
-class ThresholdConfig:
-    density: float = 0.001
-    refresh_every: int = 1000
-    min_entries: int = 8
-
-
-@dataclass
-class LowRankConfig:
-    rank: int = 4
-    power_iterations: int = 1
-    warm_start: bool = True
-
-
-@dataclass
-class TopKConfig:
-    ratio: float = 0.01
-
-
-COMPRESSOR_NAMES = ("none", "fp16", "topk", "adacomp", "threshold", "lowrank")
-
-
-@dataclass
 class CompressionConfig:
-    name: Literal["none", "fp16", "topk", "adacomp", "threshold", "lowrank"] = "none"
+    # A compressor registered in hpctrain/compression/registry.py, or "none" (dense fp32).
+    name: str = "none"
     # Tensors with fewer elements skip compression and ride one fused dense allreduce.
     min_numel: int = 1024
     # The first N optimizer steps send every gradient dense, then compression starts.
     warmup_steps: int = 0
-    adacomp: AdaCompConfig = field(default_factory=AdaCompConfig)
-    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
-    topk: TopKConfig = field(default_factory=TopKConfig)
     # Parameter-name glob → compressor name, first match wins (e.g. "*.bias" = "none").
     rules: dict[str, str] = field(default_factory=dict)
+    # Hyper-parameters per compressor, written as tables `[compression.adacomp]`, ...: each
+    # compressor's dataclass fields are their schema (hpctrain/compression/<name>.py).
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -202,66 +182,11 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and lightly convert) one value against a field's type hint."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UserError(f"config: [{key}] must be a table, got {value!r}")
-        return _build(tp, value, key)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise UserError(f"config: {key} = {value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise UserError(f"config: {key} must be a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"config: {key} must be a table, got {value!r}")
-        _, val_tp = typing.get_args(tp)
-        return {k: _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
-        raise UserError(f"config: {key} must be {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _build(cls: type, table: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in table.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in hints:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            where = f"[{prefix}]" if prefix else "the top level"
-            raise UserError(f"config: unknown key {full!r}{hint}; valid keys in {where}: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
-
-
 def _validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     positive = {
         "train.epochs": cfg.train.epochs, "batch.initial": cfg.batch.initial,
         "train.backward_passes_per_step": cfg.train.backward_passes_per_step,
-        "compression.lowrank.rank": cfg.compression.lowrank.rank,
-        "compression.adacomp.conv_bin": cfg.compression.adacomp.conv_bin,
-        "compression.adacomp.fc_bin": cfg.compression.adacomp.fc_bin,
-        "compression.threshold.refresh_every": cfg.compression.threshold.refresh_every,
-        "compression.threshold.min_entries": cfg.compression.threshold.min_entries,
         "batch.growth_factor": cfg.batch.growth_factor, "data.num_samples": cfg.data.num_samples,
     }
     for key, value in positive.items():
@@ -273,18 +198,18 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"config: {key} = {value} must be 0 or positive")
     if not cfg.dist.timeout_s > 0:
         raise UserError(f"config: dist.timeout_s = {cfg.dist.timeout_s} must be positive")
+    if cfg.train.explode_factor < 0 or (cfg.train.explode_factor and cfg.train.explode_factor <= 1):
+        raise UserError(f"config: train.explode_factor = {cfg.train.explode_factor} must be above 1 (or 0: off)")
+    if not cfg.train.explode_floor > 0:
+        raise UserError(f"config: train.explode_floor = {cfg.train.explode_floor} must be positive")
     if not cfg.train.lr > 0:
         raise UserError(f"config: train.lr = {cfg.train.lr} must be positive")
-    for key, value in {"data.keep_fraction": cfg.data.keep_fraction,
-                       "compression.threshold.density": cfg.compression.threshold.density,
-                       "compression.topk.ratio": cfg.compression.topk.ratio}.items():
+    for key, value in {"data.keep_fraction": cfg.data.keep_fraction}.items():
         if not 0 < value <= 1:
             raise UserError(f"config: {key} = {value} must be in (0, 1]")
     if not 0 < cfg.data.val_fraction < 1:
         raise UserError(f"config: data.val_fraction = {cfg.data.val_fraction} must be in (0, 1)")
-    for pattern, name in cfg.compression.rules.items():
-        if name not in COMPRESSOR_NAMES:
-            raise UserError(f"config: compression.rules.{pattern!r} = {name!r}; choose one of {', '.join(COMPRESSOR_NAMES)}")
+    _validate_compression(cfg.compression)
     if cfg.batch.max and cfg.batch.max < cfg.batch.initial:
         raise UserError(f"config: batch.max = {cfg.batch.max} is below batch.initial = {cfg.batch.initial}")
     _validate_batch(cfg.batch)
@@ -293,6 +218,19 @@ def _validate(cfg: Config) -> None:
                         "train.fusion = 'forward' defers; use fusion 'none' or 'backward'")
     if not cfg.run.name or "/" in cfg.run.name:
         raise UserError(f"config: run.name = {cfg.run.name!r} must be a non-empty name without '/'")
+
+
+def _validate_compression(compression: CompressionConfig) -> None:
+    """Names against the registry; each hyper-parameter table by building its compressor
+    (which imports torch only for configs that compress)."""
+    if compression.name not in COMPRESSOR_NAMES:
+        raise UserError(f"config: compression.name = {compression.name!r} is not allowed; "
+                        f"choose one of {', '.join(map(repr, COMPRESSOR_NAMES))}")
+    for pattern, name in compression.rules.items():
+        if name not in COMPRESSOR_NAMES:
+            raise UserError(f"config: compression.rules.{pattern!r} = {name!r}; choose one of {', '.join(COMPRESSOR_NAMES)}")
+    for name, options in compression.options.items():
+        registry.build(name, options)
 
 
 def _validate_batch(batch: BatchConfig) -> None:
@@ -348,7 +286,12 @@ def config_from_dict(table: dict[str, Any], overrides: list[str] = ()) -> Config
             if not isinstance(node, dict):
                 raise UserError(f"--set {assignment!r}: {key!r} is not a table")
         node[keys[-1]] = value
-    cfg = _build(Config, table)
+    compression = table.get("compression")
+    if isinstance(compression, dict):
+        options = compression.setdefault("options", {})
+        for name in [key for key, value in compression.items() if key in registry.COMPRESSORS and isinstance(value, dict)]:
+            options[name] = compression.pop(name)
+    cfg = build(Config, table)
     _validate(cfg)
     return cfg
 

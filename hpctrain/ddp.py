@@ -157,7 +157,11 @@ def _hook(state, bucket):  # no hints: DDP's signature check rejects string anno
             future.set_result(_exchange_bucket(state, buffer, params, grads))
         except BaseException as exc:       # DDP re-raises it from backward
             future.set_exception(exc)
-    state.comm.submit(job)
+    work = state.comm.submit(job)
+    if bucket.is_last():
+        # DDP's own collectives (find_unused_parameters' used-map allreduce) follow on this thread:
+        # let ours finish first, so ranks cannot interleave the two streams of collectives differently.
+        work.wait()
     return future
 
 

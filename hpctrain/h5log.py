@@ -12,11 +12,20 @@ The file is written in HDF5's single-writer/multiple-reader (SWMR) mode and flus
 every append, so a killed run keeps a readable file with every row written so far, and
 `read_log` can follow a run while it trains. (SWMR forbids variable-length strings, hence
 the fixed-width string columns.)
+
+Damaged files never hang a reader: HDF5's SWMR reader retries unreadable metadata for a long
+time (a truncated log made `--resume` and `hpctrain report` hang), so `read_log` first opens
+the file without SWMR (which fails at once on a truncated file) and only a file still flagged
+"open for write" (a live run, or one killed while writing) is read with SWMR, after a probe
+in a child process that is killed after `PROBE_TIMEOUT_S`. A damaged log is `DamagedLog`, one
+line; on resume the trainer sets it aside (`set_aside`, renamed) and starts a new one.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +35,8 @@ import numpy as np
 from hpctrain.errors import UserError
 
 SCHEMA_VERSION = 1
+# Seconds a child process may take to read a log flagged "open for write" before it counts as damaged.
+PROBE_TIMEOUT_S = float(os.environ.get("HPCTRAIN_LOG_PROBE_TIMEOUT", "20"))
 
 _STR = h5py.string_dtype("utf-8", 96)
 STEP_COLUMNS: dict[str, Any] = {
@@ -61,8 +72,31 @@ class StepLog:
                  resume_rows: Mapping[str, int] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        previous = read_log(self.path) if resume and self.path.exists() else None
+        self.set_aside_to: Path | None = None     # where a damaged log went (resume)
+        self.damage = ""
+        previous = None
+        if resume and self.path.exists():
+            try:
+                previous = read_log(self.path)
+            except UserError as exc:
+                self.damage = str(exc)
+                self.set_aside_to = set_aside(self.path)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            self._write_initial(tmp, attrs, previous, resume_rows)
+            os.replace(tmp, self.path)
+            self._file = h5py.File(self.path, "a", libver="latest")
+            self._file.swmr_mode = True      # from here on only appends: readers may follow along
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            if _disk_full(exc):
+                from hpctrain.checkpoint import disk_full
+                raise disk_full(self.path) from None
+            raise
+
+    @staticmethod
+    def _write_initial(tmp: Path, attrs: Mapping[str, Any] | None, previous: dict[str, Any] | None,
+                       resume_rows: Mapping[str, int] | None) -> None:
         with h5py.File(tmp, "w", libver="latest") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["started_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -77,9 +111,6 @@ class StepLog:
                     data = rows.get(column, np.empty(0))
                     g.create_dataset(column, data=np.asarray(data, dtype=dtype), maxshape=(None,),
                                      dtype=dtype, chunks=(1024,))
-        os.replace(tmp, self.path)
-        self._file = h5py.File(self.path, "a", libver="latest")
-        self._file.swmr_mode = True      # from here on only appends: readers may follow along
 
     def row_counts(self) -> dict[str, int]:
         """Rows per group so far; a checkpoint stores them so a resume can cut the log back."""
@@ -87,31 +118,34 @@ class StepLog:
 
     def append(self, group: str, row: Mapping[str, Any]) -> None:
         """Append one row to `group`; every column of the group must be given. Flushed at once."""
-        g = self._file[group]
         missing = set(GROUPS[group]) - set(row)
         if missing:
             raise ValueError(f"log row for {group!r} lacks {sorted(missing)}")
-        for column in GROUPS[group]:
-            ds = g[column]
-            n = ds.shape[0]
-            ds.resize((n + 1,))
-            ds[n] = row[column]
-        self._file.flush()
+        self.append_many(group, [row])
 
     def append_many(self, group: str, rows: list[Mapping[str, Any]]) -> None:
         if not rows:
             return
-        g = self._file[group]
-        for column in GROUPS[group]:
-            ds = g[column]
-            n = ds.shape[0]
-            ds.resize((n + len(rows),))
-            ds[n:] = [r[column] for r in rows]
-        self._file.flush()
+        try:
+            g = self._file[group]
+            for column in GROUPS[group]:
+                ds = g[column]
+                n = ds.shape[0]
+                ds.resize((n + len(rows),))
+                ds[n:] = [_fit(r[column], ds.dtype) for r in rows]
+            self._file.flush()
+        except Exception as exc:
+            if _disk_full(exc):
+                from hpctrain.checkpoint import disk_full
+                raise disk_full(self.path) from None
+            raise
 
     def close(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
+        try:
+            if self._file.id.valid:
+                self._file.close()
+        except Exception:      # a full disk may fail the last flush: the rows flushed so far stay
+            pass
 
     def __enter__(self) -> "StepLog":
         return self
@@ -120,11 +154,87 @@ class StepLog:
         self.close()
 
 
-def read_log(path: str | Path) -> dict[str, Any]:
-    """Load a log (also one still being written) into {"attrs": {...}, group: {column: array}}."""
+class DamagedLog(UserError):
+    """A log that cannot be read (truncated, corrupt, or not HDF5)."""
+
+
+def _disk_full(exc: BaseException) -> bool:
+    from hpctrain.checkpoint import is_disk_full
+    return is_disk_full(exc)
+
+
+def _fit(value: Any, dtype: np.dtype) -> Any:
+    """Strings longer than a fixed-width column are cut (at a character boundary)."""
+    if isinstance(value, str) and dtype.kind in ("S", "O"):
+        data = value.encode()[:96]
+        return data.decode("utf-8", "ignore")
+    return value
+
+
+def _damaged(path: Path, why: str) -> DamagedLog:
+    return DamagedLog(f"log {str(path)!r} is damaged ({why}); `hpctrain train --resume` sets it aside "
+                      f"(renamed, not deleted) and continues in a new log")
+
+
+def _probe(path: Path, timeout: float) -> str | None:
+    """Read the log with SWMR in a child process: None if it reads, else why not (a hang is killed)."""
+    code = ("import sys; from hpctrain.h5log import _read; _read(sys.argv[1])")
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return f"reading it did not finish within {timeout:g} s"
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else f"reader exit {proc.returncode}")[:200]
+
+
+def check_log(path: str | Path, timeout: float | None = None) -> None:
+    """Raise DamagedLog (one line) when the log cannot be read; never hangs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"log {str(path)!r} not found; pass the log.h5 written by `hpctrain train`")
+    try:
+        with h5py.File(path, "r", libver="latest"):
+            return
+    except OSError as exc:
+        text = str(exc)
+        if "already open for write" not in text:
+            raise _damaged(path, text.replace("Unable to synchronously open file ", "").strip("()")[:200]) from None
+    why = _probe(path, PROBE_TIMEOUT_S if timeout is None else timeout)
+    if why is not None:
+        raise _damaged(path, why)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged log to `<stem>.damaged-<UTC time>.h5` next to it (never deleted)."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.stem}.damaged-{stamp}{path.suffix}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.damaged-{stamp}-{n}{path.suffix}")
+    os.rename(path, target)
+    return target
+
+
+def read_log(path: str | Path) -> dict[str, Any]:
+    """Load a log (also one still being written) into {"attrs": {...}, group: {column: array}}."""
+    check_log(path)
+    try:
+        return _read(path)
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise _damaged(Path(path), f"{type(exc).__name__}: {exc}"[:200]) from None
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
     try:
         f = h5py.File(path, "r", libver="latest", swmr=True)
     except OSError as exc:

@@ -29,8 +29,10 @@ from typing import Literal
 import jinja2
 
 import hpctrain
-from hpctrain.config import Config, _build, check_world_size, load_config
+from hpctrain.config import Config, check_world_size, load_config
 from hpctrain.errors import UserError
+from hpctrain.preempt import REQUEUE_EXIT_CODE
+from hpctrain.schema import build
 
 JOBS_DIR = Path(hpctrain.__file__).resolve().parents[1] / "jobs"
 SITES_DIR = JOBS_DIR / "sites"
@@ -38,6 +40,8 @@ SITES_DIR = JOBS_DIR / "sites"
 REFERENCE_SITES = {"lsf": "summit", "slurm": "perlmutter"}
 SUBMIT_COMMANDS = {"lsf": "bsub", "slurm": "sbatch"}
 SCRIPT_NAME = "job.sh"
+# Written by `hpctrain train` into the run directory at every checkpoint: {"checkpoint_s", "step_s"}.
+TIMING_FILE = "timing.json"
 # Communication engines a job can run (`dist.backend` without "auto": a job names its engine).
 ENGINES = ("torch", "horovod")
 # Values that go into #BSUB/#SBATCH lines, which no shell unquotes.
@@ -107,6 +111,14 @@ class Job:
     work_dir: Path
     train_command: list[str]
     env: dict[str, str]
+    # Seconds before the walltime the ranks get SIGUSR1 to checkpoint, and what sized it.
+    signal_seconds: int = 120
+    signal_basis: str = ""
+    requeue_code: int = REQUEUE_EXIT_CODE
+
+    @property
+    def signal_minutes(self) -> int:
+        return max(1, -(-self.signal_seconds // 60))
 
     @property
     def walltime(self) -> str:
@@ -167,7 +179,7 @@ def load_site(name: str | None = None, scheduler: str | None = None, site_file: 
     else:
         raise UserError(f"no site given; pass --site (one of {', '.join(available_sites())}), --site-file FILE or --scheduler lsf|slurm")
     try:
-        site = _build(Site, tomllib.loads(path.read_text()))
+        site = build(Site, tomllib.loads(path.read_text()))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"site file {str(path)!r} is not valid TOML: {exc}") from None
     except UserError as exc:
@@ -260,12 +272,35 @@ def plan_job(args: argparse.Namespace, work_dir: Path, hpctrain_command: list[st
     train_command = [*hpctrain_command, "train", "--config", str(config_path), "--resume=auto"]
     for assignment in overrides:
         train_command += ["--set", assignment]
+    walltime = parse_walltime(args.walltime or site.walltime)
+    lead, basis = signal_lead(cfg, run_dir, walltime)
     return Job(site=site, layout=layout, engine=engine, name=name, account=account,
                queue=_check_directive_value("--queue", args.queue or site.queue),
                qos=_check_directive_value("--qos", args.qos or site.qos),
-               walltime_minutes=parse_walltime(args.walltime or site.walltime),
-               run_dir=run_dir, work_dir=work_dir, train_command=train_command,
-               env=job_environment(site, cfg, layout, engine))
+               walltime_minutes=walltime, run_dir=run_dir, work_dir=work_dir, train_command=train_command,
+               env=job_environment(site, cfg, layout, engine), signal_seconds=lead, signal_basis=basis)
+
+
+def signal_lead(cfg: Config, run_dir: Path, walltime_minutes: int) -> tuple[int, str]:
+    """Seconds before the walltime to send the stop signal: twice (one step + one checkpoint write) plus
+    a minute of margin (Slurm sends it up to a minute early or late), from the run's measured times
+    (`<run_dir>/timing.json`, written at every checkpoint) or `checkpoint.write_s`; at most half the walltime."""
+    measured = None
+    try:
+        measured = json.loads((run_dir / TIMING_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    if isinstance(measured, dict) and isinstance(measured.get("checkpoint_s"), (int, float)):
+        need = float(measured["checkpoint_s"]) + float(measured.get("step_s", 0.0))
+        basis = f"measured: checkpoint {measured['checkpoint_s']:.1f} s + step {measured.get('step_s', 0.0):.2f} s"
+    else:
+        need = cfg.checkpoint.write_s
+        basis = f"checkpoint.write_s = {cfg.checkpoint.write_s:g} s"
+    lead = int(2 * need + 60)
+    if lead > walltime_minutes * 30:
+        lead = walltime_minutes * 30
+        basis += ", capped at half the walltime"
+    return max(lead, 10), basis
 
 
 def _shell_command(words: list[str]) -> str:

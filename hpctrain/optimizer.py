@@ -100,7 +100,7 @@ def _zeros_like(p: torch.Tensor, sparse_dim: int | None, dense: bool) -> torch.T
     if sparse_dim is None or dense:
         return torch.zeros_like(p)
     return torch.sparse_coo_tensor(torch.empty((sparse_dim, 0), dtype=torch.int64, device=p.device),
-                                   p.new_empty((0, *p.shape[sparse_dim:])), p.shape)
+                                   p.new_empty((0, *p.shape[sparse_dim:])), p.shape, check_invariants=False)
 
 
 def _reduce_op(op: Any) -> str:
@@ -312,7 +312,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         sparse gradient, coalesced (the same on every rank: the gather is in rank order)."""
         indices, values = yield Collective("allgather", [grad.indices().t().contiguous(), grad.values()])
         scale = 1.0 / self._n if self.op == "average" else 1.0
-        return torch.sparse_coo_tensor(indices.t(), values * scale, grad.shape).coalesce()
+        return torch.sparse_coo_tensor(indices.t(), values * scale, grad.shape, check_invariants=True).coalesce()
 
     def _launch(self, item: _InFlight) -> None:
         name = self._names[item.param]
@@ -392,7 +392,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for p in self._compressor:
             if p not in self._seen:
                 if p.grad is None:
-                    p.grad = _zeros_like(p, self._sparse_dim.get(p), self.sparse_as_dense or p in self._bypass)
+                    dense = self.sparse_as_dense or self._compressor[p] is None      # the bypass is dense
+                    p.grad = _zeros_like(p, self._sparse_dim.get(p), dense)
                 self._exchange(p)
         flags = torch.zeros(self._n, dtype=torch.float32, device=self._first_bad.device)
         flags[self._me] = self._first_bad
@@ -430,7 +431,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     grad = p.grad
                     p.grad = torch.sparse_coo_tensor(grad.indices(), torch.full_like(grad.values(), float("inf")),
-                                                     grad.shape).coalesce()
+                                                     grad.shape, check_invariants=False).coalesce()
                 else:
                     p.grad.fill_(float("inf"))
         return list(self._bypass)

@@ -4,15 +4,25 @@ The path of a sample: dataset (built-in, HDF5 file or shards) → kept positions
 filtering) → GlobalBatchSampler (this rank's slice of the global batch) → micro-batches on the
 device (gradient accumulation above `batch.max_local`) → loss → backward (the optimizer's hooks
 exchange gradients) → step → one row in the step log.
+
+Reliability (docs/reliability.md): rank 0 locks the run directory and refuses a fresh run into
+one that holds a run (`--overwrite` moves it aside); a resume compares the checkpoint's config
+with the new one and falls back past a damaged newest checkpoint; SIGTERM/SIGUSR1/SIGINT ride
+the per-step loss allreduce, so all ranks stop after the same step, checkpoint together and exit
+with `preempt.REQUEUE_EXIT_CODE`; a non-finite or exploding loss stops before any checkpoint of
+the diverged model is written.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from hpctrain import __version__, checkpoint, comm
+from hpctrain import __version__, checkpoint, comm, preempt, rundir
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats
 from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
@@ -29,6 +39,7 @@ from hpctrain.data import Dataset, filtering, load_splits
 from hpctrain.data.sampler import GlobalBatchSampler
 from hpctrain.errors import UserError
 from hpctrain.h5log import StepLog
+from hpctrain.rundir import AgreedError
 from hpctrain.models import build_model
 from hpctrain.optimizer import DistributedOptimizer
 
@@ -42,15 +53,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT|latest|auto",
                         help="continue from a checkpoint: a path, 'latest' in the run directory (the "
                              "default when the flag is bare), or 'auto' (latest if any, else start fresh)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run in a run directory that holds one: the old run is moved aside "
+                             "to RUN_DIR.old-<time> (nothing is deleted)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)      # every rank validates before any work starts
+    stop = preempt.StopSignals().install()      # from the start: a signal during start-up stops at step 1
+    try:
+        cfg = load_config(args.config, args.set)      # every rank validates before any work starts
+    except UserError as exc:                          # the same on every rank: said once
+        raise AgreedError(str(exc)) from None
+    if args.resume is not None and args.overwrite:
+        raise AgreedError("--overwrite starts a fresh run and --resume continues one; give only one of them")
     init_comm(cfg)
-    check_world_size(cfg, comm.size())
-    Trainer(cfg).fit(resume=args.resume)
-    return 0
+    preempt.watch_launcher()
+    try:
+        check_world_size(cfg, comm.size())
+    except UserError as exc:
+        raise AgreedError(str(exc)) from None
+    return Trainer(cfg, stop).fit(resume=args.resume, overwrite=args.overwrite)
 
 
 def init_comm(cfg: Config) -> comm.Communicator:
@@ -102,9 +125,34 @@ class Progress:
     elapsed_s: float = 0.0
 
 
+def data_fingerprint(name: str) -> str:
+    """What names the exact training data: a shard directory's manifest hash, a file's SHA-256
+    (size and mtime beyond 1 GiB), '' for built-in datasets (their recipe is the config)."""
+    path = Path(name)
+    if path.is_dir():
+        from hpctrain.data.shards import MANIFEST, manifest_hash
+        return f"manifest sha256 {manifest_hash(path)}" if (path / MANIFEST).is_file() else ""
+    if path.is_file():
+        size = path.stat().st_size
+        if size > 1 << 30:
+            return f"size {size} mtime {int(path.stat().st_mtime)}"
+        with open(path, "rb") as f:
+            return f"sha256 {hashlib.file_digest(f, 'sha256').hexdigest()}"
+    return ""
+
+
+class Preempted(Exception):
+    """Every rank stopped after the same step on a signal and the checkpoint is written."""
+
+
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, stop: preempt.StopSignals | None = None):
         self.cfg = cfg
+        self.stop = stop or preempt.StopSignals()
+        self.lock: rundir.RunLock | None = None
+        self.config_changes: list[tuple[str, Any, Any]] = []
+        self.min_loss = math.inf
+        self._fingerprint: str | None = None
         self.rank, self.world = comm.rank(), comm.size()
         self.root = self.rank == 0
         self.device = comm.pick_device(cfg.train.device)
@@ -135,14 +183,80 @@ class Trainer:
             return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         return OPTIMIZERS[t.optimizer](params, lr=t.lr, weight_decay=t.weight_decay)
 
-    # -- state -----------------------------------------------------------------------------
-    def _resume(self, path) -> None:
-        state = checkpoint.load(path) if self.root else None
-        state = comm.get().broadcast_object(state, name="resume")
+    # -- the run directory (rank 0) -------------------------------------------------------
+    def data_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.cfg.data.name)
+        return self._fingerprint
+
+    def _agree(self, message: str | None) -> None:
+        """Rank 0's verdict to every rank: an error stops all of them together, said once (by rank 0)."""
+        if self.root and message:
+            print(f"hpctrain: error: {message}", file=sys.stderr, flush=True)
+        if self.world > 1:
+            message = comm.get().broadcast_object(message, name="hpctrain.rundir.verdict")
+        if message:
+            raise AgreedError(message, printed=True)
+
+    def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> dict[str, Any] | None:
+        """Lock the run directory, refuse or move aside an old run, load and check the checkpoint."""
+        run_dir = self.cfg.run_dir
+        self.lock = rundir.RunLock(run_dir)
+        self.lock.acquire()
+        if self.lock.note:
+            print(f"hpctrain: {self.lock.note}", flush=True)
+        for tmp in checkpoint.remove_temp_files(run_dir):
+            print(f"hpctrain: removed {tmp.name}, left by an interrupted checkpoint write", flush=True)
+        if resume is None:
+            if rundir.holds_run(run_dir):
+                if not overwrite:
+                    raise UserError(rundir.fresh_run_refusal(run_dir))
+                self.lock.release()
+                old = rundir.move_aside(run_dir)
+                (old / rundir.LOCK_NAME).unlink(missing_ok=True)
+                self.lock = rundir.RunLock(run_dir)
+                self.lock.acquire()
+                print(f"hpctrain: --overwrite: moved the old run in {run_dir} aside to {old}", flush=True)
+            return None
+        if resume in ("latest", "auto"):
+            found = checkpoint.load_latest(run_dir, say=lambda line: print(line, flush=True))
+            if found is None:
+                if resume == "latest":
+                    raise UserError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(run_dir)}; start "
+                                    "without --resume or use --resume=auto")
+                log = run_dir / "log.h5"
+                if log.exists():       # a run killed before its first checkpoint: keep its log, aside
+                    kept = rundir.move_log_aside(log)
+                    print(f"hpctrain: --resume=auto: no checkpoint yet; starting fresh, the old log is kept "
+                          f"as {kept.name}", flush=True)
+                return None
+            path, state = found
+        else:
+            path = Path(resume)
+            state = checkpoint.load(path)
+        self._check_resume(path, state)
+        print(f"hpctrain: resuming from {path} (step {state['progress']['step']})", flush=True)
+        return state
+
+    def _check_resume(self, path: Path, state: dict[str, Any]) -> None:
+        """The checkpoint must belong to this run: must-match keys equal, the same data, the ranks its
+        compression memories were written by."""
+        mismatched, self.config_changes = checkpoint.config_differences(state.get("config", {}), self.cfg.to_dict())
+        old_data = state.get("data_fingerprint")
+        if old_data is not None and old_data != self.data_fingerprint():
+            mismatched.append(f"data contents ({self.cfg.data.name}): {old_data or 'built-in'} -> "
+                              f"{self.data_fingerprint() or 'built-in'}")
         if state["world_size"] != self.world and any(s["residual"] is not None
                                                      for s in state["compression"][0].values()):
-            raise UserError(f"checkpoint {path} was written by {state['world_size']} ranks and holds per-rank "
-                            f"residual memories; resume with -np {state['world_size']}")
+            mismatched.append(f"world size: {state['world_size']} -> {self.world} (the checkpoint holds per-rank "
+                              f"residual memories; resume with -np {state['world_size']})")
+        if mismatched:
+            raise UserError(f"cannot resume from {path}: the run differs from the checkpoint's in "
+                            f"{'; '.join(mismatched)}; resume with the checkpoint's settings, or start a new "
+                            "run (another run.name, or --overwrite)")
+
+    # -- state -----------------------------------------------------------------------------
+    def _resume(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer.load_compression_state_dict(state["compression"][min(self.rank, len(state["compression"]) - 1)])
@@ -150,19 +264,34 @@ class Trainer:
         self.batch.load_state_dict(state["batch"])
         self.progress = Progress(**state["progress"])
         self.log_rows = state["log_rows"]
+        self.min_loss = state.get("min_loss", math.inf)
         set_rng_state(state["rng"])
 
     def _save(self) -> None:
+        start = time.perf_counter()
         compression = comm.get().allgather_object(self.optimizer.compression_state_dict(), name="ckpt.compression")
         if not self.root:
             return
         checkpoint.save({
             "hpctrain_version": __version__, "config": self.cfg.to_dict(), "world_size": self.world,
+            "data_fingerprint": self.data_fingerprint(), "min_loss": self.min_loss,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "compression": compression, "sampler": self.sampler.state_dict(),
             "progress": vars(self.progress).copy(), "rng": rng_state(), "batch": self.batch.state_dict(),
             "log_rows": self.log.row_counts() if self.log is not None else {},
         }, self.cfg.run_dir, self.progress.step, self.cfg.checkpoint.keep)
+        self._write_timing(time.perf_counter() - start)
+
+    def _write_timing(self, checkpoint_s: float) -> None:
+        """What one checkpoint and one step take, for job templates sizing the walltime signal."""
+        p = self.progress
+        step_s = p.elapsed_s / max(p.step, 1)
+        path = self.cfg.run_dir / "timing.json"
+        try:
+            checkpoint.write_atomic(path, lambda f: f.write(
+                f'{{"checkpoint_s": {checkpoint_s:.3f}, "step_s": {step_s:.4f}}}\n'.encode()))
+        except UserError:       # a full disk here is not worth stopping for; the checkpoint is written
+            pass
 
     def _open_log(self, resumed: bool) -> None:
         if not self.root:
@@ -170,18 +299,41 @@ class Trainer:
         attrs = {"config": self.cfg.to_json(), "world_size": self.world, "hpctrain_version": __version__}
         self.log = StepLog(self.cfg.run_dir / "log.h5", attrs, resume=resumed,
                            resume_rows=self.log_rows)
+        if self.log.set_aside_to is not None:
+            print(f"hpctrain: {self.log.damage.split('; ')[0]}; set aside as {self.log.set_aside_to.name}, a new "
+                  f"log continues from step {self.progress.step}", flush=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for key, old, new in self.config_changes:
+            reason = f"resume: {key} {old!r} -> {new!r}"
+            print(f"hpctrain: {reason} (applied)", flush=True)
+            self.log.append("events", {"step": self.progress.step, "old_batch": self.progress.global_batch,
+                                       "new_batch": self.progress.global_batch, "old_lr": lr, "new_lr": lr,
+                                       "reason": reason, "statistic": float("nan")})
 
     # -- the loop --------------------------------------------------------------------------
-    def fit(self, resume: str | None = None) -> None:
-        path = checkpoint.resolve_resume(resume, self.cfg.run_dir)
-        if path is not None:
-            self._resume(path)
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> int:
+        """Train; returns the exit code (0, or `preempt.REQUEUE_EXIT_CODE` after a stop signal)."""
+        try:
+            return self._fit(resume, overwrite)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self, resume: str | None, overwrite: bool) -> int:
+        state, error = None, None
+        if self.root:
+            try:
+                state = self._prepare_run_dir(resume, overwrite)
+            except UserError as exc:
+                error = str(exc)
+        self._agree(error)
+        resumed = comm.get().broadcast_object(state is not None, name="hpctrain.resumed") if self.world > 1 \
+            else state is not None
+        if resumed:
+            self._resume(comm.get().broadcast_object(state, name="resume") if self.world > 1 else state)
         else:
             comm.broadcast_parameters(self.model.state_dict())
-            if self.root:       # a fresh run owns its directory: stale checkpoints would mislead --resume
-                for stale in checkpoint.list_checkpoints(self.cfg.run_dir):
-                    stale.unlink()
-        self._open_log(resumed=path is not None)
+        self._open_log(resumed=resumed)
         if self.root:
             print(f"hpctrain {__version__}: {self.world} rank(s) on {self.device}, "
                   f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, run dir {self.cfg.run_dir}")
@@ -211,9 +363,16 @@ class Trainer:
                     self._save()
                 if self._done():
                     break
+        except Preempted:
+            if self.root:
+                print(f"hpctrain: {self.stop.name()} received: every rank stopped after step {self.progress.step} "
+                      f"and the checkpoint is written; exit code {preempt.REQUEUE_EXIT_CODE} (requeue; "
+                      f"`hpctrain train --resume=auto` continues)", file=sys.stderr, flush=True)
+            return preempt.REQUEUE_EXIT_CODE
         finally:
             if self.log is not None:
                 self.log.close()
+        return 0
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.progress.step >= self.cfg.train.max_steps
@@ -228,13 +387,17 @@ class Trainer:
             while not self._done() and not self.sampler.exhausted():
                 local = self.sampler.next_batch(p.global_batch)
                 start = time.perf_counter()
-                loss = self._step(local)
+                loss, stop = self._step(local)
                 stats = self.optimizer.new_step_stats()
                 p.step += 1
                 p.samples_seen += len(local) * self.world
                 step_time = time.perf_counter() - start
                 p.elapsed_s += step_time
                 self._log_step(loss, stats, step_time)
+                self._check_divergence(loss)
+                if stop:                          # a stop signal reached some rank: all stop here
+                    self._save()
+                    raise Preempted()
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 bar.update()
                 decision = self.batch.after_step(p.step, p.epoch, BatchStats(
@@ -246,8 +409,27 @@ class Trainer:
                     self._save()
         return self.sampler.exhausted()
 
-    def _step(self, local: np.ndarray) -> float:
-        """One optimizer step on this rank's positions; returns the loss averaged over ranks."""
+    def _check_divergence(self, loss: float) -> None:
+        """The mean loss (the same on every rank) is non-finite or `train.explode_factor` times its running
+        minimum: every rank stops here, before a checkpoint of the diverged model is written."""
+        t = self.cfg.train
+        if not t.abort_on_nan:
+            return
+        p = self.progress
+        if not math.isfinite(loss):
+            raise AgreedError(f"non-finite loss ({loss}) at step {p.step}, epoch {p.epoch}; no checkpoint of the "
+                              "diverged model was written: lower train.lr, check the data, or set "
+                              "train.abort_on_nan = false")
+        if t.explode_factor and p.step > 1 and loss > t.explode_factor * max(self.min_loss, t.explode_floor):
+            raise AgreedError(f"training loss exploded at step {p.step}, epoch {p.epoch}: {loss:.4g} is more than "
+                              f"train.explode_factor = {t.explode_factor:g} times its lowest value so far "
+                              f"({self.min_loss:.4g}, floor {t.explode_floor:g}); no checkpoint of the diverged model was "
+                              "written: lower train.lr, or raise train.explode_factor (0 turns the check off)")
+        self.min_loss = min(self.min_loss, loss)
+
+    def _step(self, local: np.ndarray) -> tuple[float, bool]:
+        """One optimizer step on this rank's positions; returns the loss averaged over ranks, and whether
+        any rank was asked to stop (the request rides the loss allreduce: no extra message)."""
         self.model.train()
         lr = lr_at(self.cfg, self.batch.lr_at(self.progress.step + 1),
                    self.progress.samples_seen / (self.cfg.train.epochs * len(self.train_positions)))
@@ -266,8 +448,9 @@ class Trainer:
             loss_sum += value * len(micro)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        (mean_loss,) = comm.get().allreduce_scalars([loss_sum / len(local)], name="loss")
-        return mean_loss
+        mean_loss, stop = comm.get().allreduce_scalars([loss_sum / len(local), float(self.stop.requested)],
+                                                       name="loss")
+        return mean_loss, stop > 0
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         """Mean cross-entropy; under dynamic pruning each sample's term carries its InfoBatch weight."""
@@ -330,6 +513,10 @@ class Trainer:
             correct += float((logits.argmax(1) == y).sum())
         loss_sum, correct = comm.get().allreduce_scalars([loss_sum, correct], name="eval", average=False)
         val_loss, val_acc = loss_sum / len(val), correct / len(val)
+        if self.cfg.train.abort_on_nan and not math.isfinite(val_loss):    # the same on every rank
+            raise AgreedError(f"non-finite validation loss ({val_loss}) at step {self.progress.step}, epoch "
+                              f"{self.progress.epoch}; no checkpoint of the diverged model was written: lower "
+                              "train.lr, check the data, or set train.abort_on_nan = false")
         if self.root:
             if self.log is not None:
                 self.log.append("evals", {"step": self.progress.step, "epoch": self.progress.epoch,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hpctrain.compression import (FP16, AdaComp, Collective, LowRank, NoCompression, ParamState, Policy,
-                                  Threshold, TopK, describe, policy_from_config, simulate)
-from hpctrain.compression import kernels
+                                  SignSGD, Threshold, TopK, describe, kernels, policy_from_config, registry,
+                                  simulate)
 from hpctrain.compression.base import Compressor
-from hpctrain.config import COMPRESSOR_NAMES, CompressionConfig, config_from_dict
+from hpctrain.config import COMPRESSOR_NAMES, config_from_dict
 from hpctrain.errors import UserError
 from tests.helpers import heavy_tailed_grads
 
@@ -26,6 +26,7 @@ ERROR_FEEDBACK = {
     "adacomp-fp32": AdaComp(conv_bin=50, fc_bin=500, quantize=False),
     "lowrank": LowRank(rank=3, power_iterations=1),
     "lowrank-2it-cold": LowRank(rank=3, power_iterations=2, warm_start=False),
+    "signsgd": SignSGD(),
 }
 ALL = {**ERROR_FEEDBACK, "none": NoCompression(), "fp16": FP16()}
 SPARSE = ["topk", "threshold", "adacomp", "adacomp-fp32"]
@@ -299,7 +300,7 @@ def test_threshold_density_tracks_target():
         rounds: list[list[Collective]] = []
         step(compressor, grads_for((200, 500), 1, seed=t), [state], rounds)
         counts.append(rounds[0][0].payloads[0].numel())
-        thresholds.append(float(state.extra["threshold"]))
+        thresholds.append(float(state.memory.threshold))
     assert counts[0] == target
     for t in range(39):
         assert target / 2 <= counts[t] <= 2 * target or thresholds[t + 1] != thresholds[t], (t, counts[t])
@@ -311,7 +312,7 @@ def test_threshold_is_recomputed_only_on_schedule_when_drift_is_allowed():
     seen = []
     for t in range(12):
         step(compressor, grads_for(FC, 1, seed=t), [state])
-        seen.append(float(state.extra["threshold"]))
+        seen.append(float(state.memory.threshold))
     changes = [t for t in range(1, 12) if seen[t] != seen[t - 1]]
     assert changes == [5, 10]
 
@@ -322,7 +323,7 @@ def test_threshold_refreshes_when_count_drifts():
     thresholds = []
     for t in range(10):
         step(compressor, grads_for((100, 100), 1, seed=t), [state])
-        thresholds.append(float(state.extra["threshold"]))
+        thresholds.append(float(state.memory.threshold))
     assert len(set(thresholds)) > 1 and thresholds[-1] > thresholds[0]
 
 
@@ -349,7 +350,7 @@ def test_lowrank_sends_p_and_q_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
     assert [r[0].kind for r in rounds] == ["allreduce", "allreduce"]
     assert [tuple(r[0].payloads[0].shape) for r in rounds] == [(64, 4), (48, 4)]
-    assert torch.equal(states[0].extra["q"], states[1].extra["q"])   # warm start: same on every rank
+    assert torch.equal(states[0].memory.q, states[1].memory.q)   # warm start: same on every rank
 
 
 def test_lowrank_applies_only_where_it_saves_bytes():
@@ -442,7 +443,7 @@ def test_policy_from_config_builds_every_compressor(name):
         "lowrank": {"rank": 2}, "topk": {"ratio": 0.5}}}).compression
     policy = policy_from_config(cfg)
     expected = {"none": type(None), "fp16": FP16, "topk": TopK, "adacomp": AdaComp,
-                "threshold": Threshold, "lowrank": LowRank}[name]
+                "threshold": Threshold, "lowrank": LowRank, "signsgd": SignSGD}[name]
     assert isinstance(policy.default, expected) and policy.min_numel == 10
     assert policy.rules["*.bias"] is None and isinstance(policy.rules["head.*"], FP16)
     hyper = {"topk": ("ratio", 0.5), "adacomp": ("conv_bin", 7), "threshold": ("density", 0.25),
@@ -452,9 +453,34 @@ def test_policy_from_config_builds_every_compressor(name):
         assert getattr(policy.default, key) == value
 
 
+def test_signsgd_sends_one_bit_per_entry_and_keeps_what_the_sign_missed():
+    """Each rank: ceil(n/8) bytes of signs and one fp32 scale = mean |p|; residual = p − scale·sign(p)."""
+    compressor, states = SignSGD(), fresh_states(WORLD)
+    grads = grads_for(FC, WORLD, seed=3)
+    rounds: list = []
+    out, sent = step(compressor, grads, states, rounds)
+    numel = torch.Size(FC).numel()
+    for rank, (g, s, state) in enumerate(zip(grads, sent, states)):
+        assert [t.numel() * t.element_size() for t in rounds[0][rank].payloads] == [-(-numel // 8), 4]
+        scale = g.abs().mean()
+        assert_near(s, torch.where(g < 0, -scale, scale), 1e-6)
+        assert_near(state.residual, g - s, 1e-6)
+    assert_near(out[0], torch.stack(sent).mean(0), 1e-6)
+
+
+def test_a_compressor_is_one_file_and_one_registration_line():
+    """The registry names every compressor a config can use; each builds from its own fields."""
+    assert set(registry.NAMES) == {"none", "fp16", "topk", "threshold", "adacomp", "lowrank", "signsgd"}
+    for name in registry.COMPRESSORS:
+        cls = registry.compressor_class(name)
+        assert cls.name == name and isinstance(registry.build(name), cls)
+    assert registry.build("threshold", {"drift": 3.0}).drift == 3.0       # every field is a config key
+
+
 def test_bad_compressor_settings_are_one_line_user_errors():
     for make in (lambda: TopK(ratio=0), lambda: Threshold(density=2), lambda: AdaComp(fc_bin=0),
-                 lambda: LowRank(power_iterations=0), lambda: policy_from_config(CompressionConfig(name="zip"))):
+                 lambda: LowRank(power_iterations=0), lambda: registry.build("zip"),
+                 lambda: registry.build("adacomp", {"bins": 3}), lambda: registry.build("none", {"x": 1})):
         with pytest.raises(UserError) as err:
             make()
         assert "\n" not in str(err.value)

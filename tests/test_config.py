@@ -30,7 +30,7 @@ def test_overrides_are_typed_toml_values():
     ({"compression": {"rules": {"*.bias": "zip"}}}, "compression.rules.'*.bias' = 'zip'"),
     ({"compression": {"adacomp": {"bins": 3}}}, "unknown key 'compression.adacomp.bins'"),
     ({"compression": {"warmup_steps": -1}}, "compression.warmup_steps = -1 must be 0 or positive"),
-    ({"compression": {"threshold": {"min_entries": 0}}}, "compression.threshold.min_entries = 0 must be positive"),
+    ({"compression": {"threshold": {"min_entries": 0}}}, "config: [compression.threshold] Threshold(min_entries=0): must be a positive number of entries"),
     ({"batch": {"initial": 64, "max": 32}}, "batch.max = 32 is below batch.initial = 64"),
 ])
 def test_bad_values_name_the_key(table, message):

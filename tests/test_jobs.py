@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,17 @@ def test_slurm_job_trains_on_horovod_via_srun_pmix(slurm, tmp_path, monkeypatch,
     assert list(read_log(run_dir / "log.h5")["steps"]["step"]) == [1, 2]
     out = (run_dir / f"job-{job_id}.out").read_text()
     assert any(line.startswith("hpctrain: engine horovod") and line.endswith("2 rank(s)") for line in out.splitlines()), out
+
+
+def test_slurm_step_ends_when_one_rank_fails(slurm, tmp_path):
+    """The rendered srun line (--kill-on-bad-exit=1) takes the step down when one rank exits non-zero,
+    instead of leaving its peers waiting in a collective until the timeout."""
+    script = render("--site", "local", "--out-dir", str(tmp_path))
+    srun = next(line for line in script.splitlines() if line.startswith("srun ")).rstrip(" \\")
+    payload = "if [ \"$SLURM_PROCID\" = 1 ]; then exit 3; fi; sleep 120"
+    wrap = f"{srun} bash -c {shlex.quote(payload)}"
+    proc = slurm.command("sbatch", "--parsable", "-N", "1", "-n", "2", "-o", str(tmp_path / "out"), "--wrap", wrap)
+    assert proc.returncode == 0, proc.stderr
+    start = time.monotonic()
+    state = slurm.wait_job(jobs.parse_job_id("slurm", proc.stdout), timeout=90)
+    assert state == "FAILED" and time.monotonic() - start < 60, (state, (tmp_path / "out").read_text())

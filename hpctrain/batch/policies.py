@@ -32,7 +32,7 @@ class Grow:
     statistic: float
 
 
-class Policy:
+class GrowthPolicy:
     """Base: consulted nowhere, never grows, no state. Subclasses override what they need."""
     consult_every_steps = 0            # 0: not on a step cadence
     consult_at_epoch_end = False
@@ -51,11 +51,11 @@ class Policy:
         pass
 
 
-class FixedPolicy(Policy):
+class FixedPolicy(GrowthPolicy):
     """Never grow."""
 
 
-class SchedulePolicy(Policy):
+class SchedulePolicy(GrowthPolicy):
     """Grow when epoch `e` of `at_epochs` begins (after e epochs are done) or after step `s` of `at_steps`."""
 
     def __init__(self, at_epochs: list[int], at_steps: list[int]):
@@ -74,7 +74,7 @@ class SchedulePolicy(Policy):
         return None
 
 
-class PlateauPolicy(Policy):
+class PlateauPolicy(GrowthPolicy):
     """Grow when the monitored loss has not improved by the fraction `min_delta` for `patience` checks.
 
     `metric = "val_loss"` is checked at each epoch end; `"train_loss"` (the mean training loss
@@ -115,7 +115,7 @@ class PlateauPolicy(Policy):
         self.best, self.stale = float(state["best"]), int(state["stale"])
 
 
-class NoiseScalePolicy(Policy):
+class NoiseScalePolicy(GrowthPolicy):
     """Grow while `factor` × the smoothed gradient noise scale B_noise exceeds the global batch.
 
     McCandlish et al. (2018): to reach a loss, a batch B takes S = S_min (1 + B_noise/B) steps and
@@ -139,7 +139,7 @@ class NoiseScalePolicy(Policy):
         return None
 
 
-def build_policy(batch_cfg: Any) -> Policy:
+def build_policy(batch_cfg: Any) -> GrowthPolicy:
     """The policy named by `[batch] policy`, configured from the same section."""
     name = batch_cfg.policy
     if name == "fixed":

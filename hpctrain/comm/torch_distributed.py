@@ -161,6 +161,8 @@ class TorchCommunicator(Communicator):
     def group_ranks(self, group: Any = None) -> list[int]:
         if group is None or group is td.group.WORLD:
             return list(range(self.size))
+        if group is td.GroupMember.NON_GROUP_MEMBER:        # what new_group() gives a rank outside it
+            raise InvalidArgument(f"process group does not include this rank ({self.rank})")
         if not isinstance(group, td.ProcessGroup):
             raise InvalidArgument(f"process_set={group!r}: on the torch engine pass a torch.distributed process "
                                   "group (torch.distributed.new_group(ranks)); a Horovod ProcessSet needs "

@@ -18,6 +18,7 @@ the mean instead of diluting it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,18 +28,26 @@ from hpctrain.compression.base import ParamState, compensate, like_grad
 from hpctrain.errors import UserError
 
 
+@dataclass(frozen=True)
 class AdaComp(sparse.SparseCompressor):
-    """Self-tuning sparsification: per bin, send what reaches the bin's largest residue."""
+    """Self-tuning sparsification: per bin, send what reaches the bin's largest residue.
+
+    Tuning: `conv_bin` (L_T for kernels of 3+ dims) and `fc_bin` (the rest) set how many entries
+    compete for a bin's place: longer bins send less. The paper's 50 and 500 gave 43× on the
+    MNIST-1D CNN's conv kernels and 416× on its fc layers at −0.23 pt (16 seeds); fc bins of
+    300 and conv bins shrunk to ≥ 16 per tensor did not gain accuracy. `quantize = False` sends
+    exact fp32 values with int32 indices: −0.15 pt, but only 7–8× (conv) and 92–97× (fc).
+    """
 
     name = "adacomp"
+    conv_bin: int = 50
+    fc_bin: int = 500
+    quantize: bool = True
 
-    def __init__(self, conv_bin: int = 50, fc_bin: int = 500, quantize: bool = True):
-        for key, value in (("conv_bin", conv_bin), ("fc_bin", fc_bin)):
-            if value < 1:
-                raise UserError(f"AdaComp({key}={value}): the bin length must be a positive number of entries")
-        self.conv_bin = conv_bin
-        self.fc_bin = fc_bin
-        self.quantize = quantize
+    def __post_init__(self) -> None:
+        for key in ("conv_bin", "fc_bin"):
+            if getattr(self, key) < 1:
+                raise UserError(f"AdaComp({key}={getattr(self, key)}): the bin length must be a positive number of entries")
 
     def bin_length(self, shape: torch.Size) -> int:
         """L_T: convolution kernels (3 or more dims) use `conv_bin`, the rest `fc_bin`."""

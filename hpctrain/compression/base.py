@@ -1,8 +1,10 @@
 """The compressor interface: how one gradient becomes payloads and comes back averaged.
 
-A compressor is a small, stateless object holding hyper-parameters. Per-parameter state
-(residual memory, warm-start matrices, thresholds) lives in a `ParamState` the optimizer
-owns, so one compressor instance can serve many parameters and the state is checkpointable.
+A compressor is a small, frozen dataclass whose fields are its hyper-parameters (and so the
+schema of its `[compression.NAME]` table). Per-parameter state (residual memory, and the
+compressor's own typed `memory`: warm-start matrices, thresholds) lives in a `ParamState` the
+optimizer owns, so one compressor instance can serve many parameters and the state is
+checkpointable.
 
 The exchange of one gradient is written as a generator, so a compressor that needs several
 rounds of communication (low-rank: P, then Q) reads top to bottom:
@@ -20,8 +22,9 @@ lengths). Single-round compressors implement `encode`/`decode` and inherit `exch
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Generator, Literal, Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generator, Literal, Sequence
 
 import torch
 
@@ -48,29 +51,46 @@ class ParamState:
     """What a compressor remembers about one parameter between steps."""
     name: str
     residual: torch.Tensor | None = None      # error-feedback memory (fp32, on the parameter's device)
-    extra: dict[str, Any] = field(default_factory=dict)   # compressor-specific (warm-start Q, threshold, ...)
+    memory: Any = None                        # the compressor's own state (its `memory_type`), or None
     steps: int = 0                            # exchanges done so far
 
     def state_dict(self) -> dict[str, Any]:
-        """On the CPU: checkpoints gather every rank's state on rank 0."""
-        def cpu(value: Any) -> Any:
-            return value.detach().cpu() if isinstance(value, torch.Tensor) else value
-        return {"residual": cpu(self.residual), "extra": {k: cpu(v) for k, v in self.extra.items()},
-                "steps": self.steps}
+        """Plain tensors and numbers, on the CPU (checkpoints gather every rank's state on rank 0,
+        and load with torch.load's `weights_only`)."""
+        return {"residual": _moved(self.residual, "cpu"), "steps": self.steps,
+                "memory": None if self.memory is None else {k: _moved(v, "cpu") for k, v in _fields(self.memory).items()}}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        res = state["residual"]
-        self.residual = None if res is None else res.to(device)
-        self.extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["extra"].items()}
+        """The memory comes back as a dict of its fields; the compressor types it on first use."""
+        self.residual = _moved(state["residual"], device)
+        memory = state.get("memory")
+        self.memory = None if memory is None else {k: _moved(v, device) for k, v in memory.items()}
         self.steps = int(state["steps"])
 
 
-class Compressor:
-    """Base class. Subclasses set `name` and `kind`, and implement encode/decode (or exchange)."""
+def _fields(memory: Any) -> dict[str, Any]:
+    return memory if isinstance(memory, dict) else {f.name: getattr(memory, f.name) for f in dataclasses.fields(memory)}
 
-    name: str = "compressor"
-    kind: CollectiveKind = "allreduce"
-    error_feedback: bool = False
+
+def _moved(value: Any, device: torch.device | str) -> Any:
+    return value.detach().to(device) if isinstance(value, torch.Tensor) else value
+
+
+class Compressor:
+    """Base class. Subclasses are frozen dataclasses of their hyper-parameters (validated in
+    `__post_init__`); they set `name` and `kind`, and implement encode/decode (or exchange)."""
+
+    name: ClassVar[str] = "compressor"
+    kind: ClassVar[CollectiveKind] = "allreduce"
+    error_feedback: ClassVar[bool] = False
+    memory_type: ClassVar[type | None] = None     # a dataclass of per-parameter state, if any
+
+    def memory(self, state: ParamState) -> Any:
+        """This parameter's `memory_type` instance: created on first use, or typed from the
+        dict of fields a checkpoint restored."""
+        if not isinstance(state.memory, self.memory_type):
+            state.memory = self.memory_type(**(state.memory or {}))
+        return state.memory
 
     def applies_to(self, shape: torch.Size) -> bool:
         """Whether this compressor can handle a tensor of this shape (else it goes dense)."""
@@ -87,9 +107,6 @@ class Compressor:
         received = yield Collective(self.kind, payloads)
         return self.decode(received, ctx, state)
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
 
 
 def compensate(grad: torch.Tensor, state: ParamState) -> torch.Tensor:

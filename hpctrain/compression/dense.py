@@ -1,6 +1,7 @@
 """Dense baselines: plain fp32 allreduce, and fp16 on the wire (Horovod's own Compression.fp16)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from hpctrain.compression.base import Compressor, ParamState, like_grad
 
 
+@dataclass(frozen=True)
 class NoCompression(Compressor):
     """Send the gradient as it is (the dense allreduce every peer does)."""
 
@@ -20,6 +22,7 @@ class NoCompression(Compressor):
         return received[0].view(ctx)
 
 
+@dataclass(frozen=True)
 class FP16(Compressor):
     """Halve the bytes by sending fp16; no memory (the rounding error is below SGD noise)."""
 

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+from hpctrain.compression import registry
 from hpctrain.compression.base import Compressor
 from hpctrain.compression.dense import NoCompression
+
+if TYPE_CHECKING:
+    from hpctrain.config import CompressionConfig
 
 
 @dataclass
@@ -54,6 +58,14 @@ class Policy:
 
 
 DENSE = NoCompression()
+
+
+def policy_from_config(cfg: CompressionConfig) -> Policy:
+    """The `[compression]` table of a run config as a Policy: default compressor, glob rules,
+    small-tensor bypass, dense warm-up."""
+    built = {name: registry.build(name, cfg.options.get(name)) for name in {cfg.name, *cfg.rules.values()}}
+    return Policy(default=built[cfg.name], rules={pattern: built[name] for pattern, name in cfg.rules.items()},
+                  min_numel=cfg.min_numel, warmup_steps=cfg.warmup_steps)
 
 
 def as_policy(compression: Compressor | Policy | None) -> Policy:

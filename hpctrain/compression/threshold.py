@@ -18,6 +18,8 @@ parity), for a saving of a few kilobytes per step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hpctrain.compression import kernels, sparse
@@ -25,24 +27,40 @@ from hpctrain.compression.base import ParamState
 from hpctrain.errors import UserError
 
 
+@dataclass(slots=True)
+class ThresholdMemory:
+    """Per parameter: the threshold in force, and how many entries passed it last step."""
+    threshold: torch.Tensor | None = None
+    last_count: int = 0
+
+
+@dataclass(frozen=True)
 class Threshold(sparse.SparseCompressor):
-    """Send entries with |gradient + residual| >= a threshold tuned to pass ≈ `density` of them."""
+    """Send entries with |gradient + residual| >= a threshold tuned to pass ≈ `density` of them.
+
+    Tuning: `density` 0.001 was at parity with dense (+0.03 pt, 8 seeds, 572× on the MNIST-1D
+    CNN's fc layer); `refresh_every` trades the cost of a top-k selection (26–73× a clone when
+    done every step, 4–5× between refreshes) against tracking the gradient; `drift` re-tunes
+    early when the passing count leaves [target / drift, target × drift]; `min_entries` sends
+    dense the tensors too small to get that many entries per step.
+    """
 
     name = "threshold"
+    memory_type = ThresholdMemory
+    density: float = 0.001
+    refresh_every: int = 1000
+    drift: float = 2.0
+    min_entries: int = 8
 
-    def __init__(self, density: float = 0.001, refresh_every: int = 1000, drift: float = 2.0, min_entries: int = 8):
-        if not 0 < density <= 1:
-            raise UserError(f"Threshold(density={density}): density must be in (0, 1]")
-        if refresh_every < 1:
-            raise UserError(f"Threshold(refresh_every={refresh_every}): must be a positive number of steps")
-        if drift <= 1:
-            raise UserError(f"Threshold(drift={drift}): must be > 1 (a factor around the target count)")
-        if min_entries < 1:
-            raise UserError(f"Threshold(min_entries={min_entries}): must be a positive number of entries")
-        self.density = density
-        self.refresh_every = refresh_every
-        self.drift = drift
-        self.min_entries = min_entries
+    def __post_init__(self) -> None:
+        if not 0 < self.density <= 1:
+            raise UserError(f"Threshold(density={self.density}): density must be in (0, 1]")
+        if self.refresh_every < 1:
+            raise UserError(f"Threshold(refresh_every={self.refresh_every}): must be a positive number of steps")
+        if self.drift <= 1:
+            raise UserError(f"Threshold(drift={self.drift}): must be > 1 (a factor around the target count)")
+        if self.min_entries < 1:
+            raise UserError(f"Threshold(min_entries={self.min_entries}): must be a positive number of entries")
 
     def applies_to(self, shape: torch.Size) -> bool:
         """Only tensors of which `density` is at least `min_entries` entries (else: dense)."""
@@ -52,15 +70,16 @@ class Threshold(sparse.SparseCompressor):
         return max(1, round(self.density * numel))
 
     def select(self, flat: torch.Tensor, grad: torch.Tensor, state: ParamState) -> torch.Tensor:
-        if self._needs_refresh(state, flat.numel()):
+        memory = self.memory(state)
+        if self._needs_refresh(memory, state.steps, flat.numel()):
             kth_largest = flat.abs().topk(self.target_count(flat.numel()), sorted=False).values.min()
-            state.extra["threshold"] = kth_largest.clamp_min(kernels.FLOOR)
-        indices = kernels.at_least(flat, state.extra["threshold"])
-        state.extra["last_count"] = indices.numel()
+            memory.threshold = kth_largest.clamp_min(kernels.FLOOR)
+        indices = kernels.at_least(flat, memory.threshold)
+        memory.last_count = indices.numel()
         return indices
 
-    def _needs_refresh(self, state: ParamState, numel: int) -> bool:
-        if "threshold" not in state.extra or state.steps % self.refresh_every == 0:
+    def _needs_refresh(self, memory: ThresholdMemory, steps: int, numel: int) -> bool:
+        if memory.threshold is None or steps % self.refresh_every == 0:
             return True
-        ratio = max(state.extra["last_count"], 1) / self.target_count(numel)
+        ratio = max(memory.last_count, 1) / self.target_count(numel)
         return not 1 / self.drift <= ratio <= self.drift

@@ -69,6 +69,9 @@ def load_hdf5_file(path: Path, data_cfg, seed: int = 0) -> Splits:
         raise UserError(f"{path}: not a readable HDF5 file ({exc}); re-create it or point data.name elsewhere") from None
     if len(x) != len(y):
         raise UserError(f"{path}: x has {len(x)} samples but y has {len(y)}; they must match")
+    y = _class_labels(path, "y", y)
+    if val is not None:
+        val = (val[0], _class_labels(path, "y_val", val[1]))
     if val is None:
         train_ds, val_ds = split_holdout(x, y, data_cfg.val_fraction, seed)
     else:
@@ -76,6 +79,22 @@ def load_hdf5_file(path: Path, data_cfg, seed: int = 0) -> Splits:
         val_ds = ArrayDataset(val[0], val[1], np.arange(len(y), len(y) + len(val[1]), dtype=np.int64))
     return Splits(train_ds, val_ds, num_classes=int(max(y.max(), val_ds.labels.max())) + 1,
                   input_shape=tuple(x.shape[1:]))
+
+
+def _class_labels(path: Path, name: str, y: np.ndarray) -> np.ndarray:
+    """Class labels must be whole numbers 0..C-1: fractions (soft or regression targets) are one line,
+    never truncated silently."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise UserError(f"{path}: {name} has shape {y.shape}; classification needs one integer label per sample")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.number) or not np.all(np.isfinite(y)) or not np.array_equal(y, np.round(y)):
+            bad = int(np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))[0]) if np.issubdtype(y.dtype, np.number) else 0
+            raise UserError(f"{path}: {name} holds non-integer labels (dtype {y.dtype}, e.g. {name}[{bad}] = "
+                            f"{y[bad]!r}); classification needs integer class labels 0..C-1")
+    if len(y) and y.min() < 0:
+        raise UserError(f"{path}: {name} has negative labels (min {y.min()}); classes must be 0..C-1")
+    return y.astype(np.int64)
 
 
 BUILTINS: dict[str, Callable[..., Splits]] = {"mnist1d": mnist1d, "digits": digits}

@@ -290,7 +290,8 @@ def write_scores(path: Path, sample_ids: np.ndarray, labels: np.ndarray,
         print(f"note: {path} held scores of other samples ({', '.join(old.scores)}); they are replaced")
         old = None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    from hpctrain.data.shards import _removing_on_failure
+    with _removing_on_failure(tmp, path), h5py.File(tmp, "w") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.create_dataset("sample_id", data=ids)
         f.create_dataset("label", data=labels[order])

@@ -174,7 +174,7 @@ def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: st
     rows = _chunk_rows(sample_shape, dtype, count, chunk_kib)
     path = out / shard_name(plan.index)
     tmp = _tmp_name(path)
-    with h5py.File(tmp, "w") as f:
+    with _removing_on_failure(tmp, path), h5py.File(tmp, "w") as f:
         x = f.create_dataset("x", shape=(count, *sample_shape), dtype=dtype, chunks=(rows, *sample_shape),
                              fletcher32=True, **COMPRESSIONS[compression])
         for lo in range(0, count, rows):        # one chunk at a time: memory stays one chunk
@@ -211,9 +211,23 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
+@contextmanager
+def _removing_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """A failed write removes its temp file; a full disk is one line naming the file and the free space."""
+    try:
+        yield
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        from hpctrain.checkpoint import disk_full, is_disk_full
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full(path) from None
+        raise
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = _tmp_name(path)
-    tmp.write_bytes(data)
+    with _removing_on_failure(tmp, path):
+        tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -227,7 +241,7 @@ def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: lis
     order = [sources[p.source] for p in plans]
     index_path = out / INDEX
     tmp = _tmp_name(index_path)
-    with h5py.File(tmp, "w") as f:
+    with _removing_on_failure(tmp, index_path), h5py.File(tmp, "w") as f:
         f.create_dataset("y", data=np.concatenate([s.y[p.start:p.stop] for s, p in zip(order, plans)]))
         f.create_dataset("sample_id", data=np.concatenate([s.sample_ids[p.start:p.stop] for s, p in zip(order, plans)]))
         f.create_dataset("shard_count", data=np.array([e["count"] for e in entries], dtype=np.int64))
@@ -428,7 +442,9 @@ def open_directory(root: str | Path) -> ShardDirectory:
     """Read manifest and index, and check every shard's size (no shard is opened here)."""
     root = Path(root)
     manifest = read_manifest(root)
-    _check_file(root, manifest, manifest["index"], full=False)
+    # index.h5 holds every label and sample id training uses: its SHA-256 is checked at every open
+    # (it is small), so a flipped byte never trains on a wrong label.
+    _check_file(root, manifest, manifest["index"], full=True)
     for entry in manifest["shards"]:
         _check_file(root, manifest, entry, full=False)
     try:

@@ -44,13 +44,13 @@ class Net(nn.Module):
         return self.head(torch.relu(self.fc2(h)))
 
 
-def make_ddp(hook_with: Policy | None = None) -> tuple[Net, DDP, object]:
+def make_ddp(hook_with: Policy | None = None, named: bool = True, **ddp_args) -> tuple[Net, DDP, object]:
     torch.manual_seed(0)
     net = Net()
-    ddp = DDP(net, bucket_cap_mb=0.01)          # ~2500 floats: several buckets
+    ddp = DDP(net, bucket_cap_mb=0.01, **ddp_args)          # ~2500 floats: several buckets
     state = None
     if hook_with is not None:
-        state, hook = ddp_comm_hook(hook_with, model=ddp)
+        state, hook = ddp_comm_hook(hook_with, model=ddp if named else None)
         ddp.register_comm_hook(state, hook)
     return net, ddp, state
 
@@ -124,14 +124,16 @@ def ok(message: str) -> None:
 
 def check_dense() -> None:
     _, plain, _ = make_ddp()
-    _, hooked, state = make_ddp(NoCompression())
+    _, hooked, state = make_ddp(NoCompression(), named=False)
     for step in range(STEPS):
         want, got = ddp_step(plain, step), ddp_step(hooked, step)
         assert_close(got, want, f"NoCompression step {step}")
     same_on_all_ranks(got, "NoCompression")
     assert state.wire_bytes == state.dense_bytes, (state.wire_bytes, state.dense_bytes)
     assert state.buckets > STEPS, state.buckets          # several buckets per step (after the first)
-    ok(f"none: DDP+hook == plain DDP for {STEPS} steps over {state.buckets} buckets, wire bytes == dense bytes")
+    assert sorted(state.state_dict()) == [f"bucket0.{i}" for i in range(8)], sorted(state.state_dict())
+    ok(f"none: DDP+hook == plain DDP for {STEPS} steps over {state.buckets} buckets, wire bytes == dense bytes, "
+       "no model: parameters named after DDP's first bucket")
 
 
 def check_compressor(name: str) -> None:
@@ -170,7 +172,7 @@ def check_state_dict() -> None:
 
 def check_rules() -> None:
     policy = Policy(default=TopK(0.05), rules={"*.bias": None, "fc2.*": FP16()}, min_numel=0)
-    net, ddp, state = make_ddp(policy)
+    net, ddp, state = make_ddp(policy, find_unused_parameters=True)   # DDP's own allreduce after backward
     chosen = {state.params[p].name: (c.name if c is not None else "dense") for p, c in state.compressors.items()}
     assert chosen == {"conv.weight": "topk", "conv.bias": "none", "fc1.weight": "topk", "fc1.bias": "none",
                       "fc2.weight": "fp16", "fc2.bias": "none", "head.weight": "topk", "head.bias": "none"}, chosen
@@ -180,7 +182,8 @@ def check_rules() -> None:
         assert_close(got, want, f"rules step {step}")
     for name in ("conv.bias", "fc1.bias", "head.bias"):
         assert state.state_dict()[name]["residual"] is None, name
-    ok("rules: '*.bias' = None sent dense, 'fc2.*' = FP16 beats the default TopK, names from the DDP-wrapped model")
+    ok("rules: '*.bias' = None sent dense, 'fc2.*' = FP16 beats the default TopK, names from the DDP-wrapped model, "
+       "find_unused_parameters=True")
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ from torch import nn
 
 from hpctrain import comm
 from hpctrain.cli import run_guarded
-from hpctrain.compression import FP16, AdaComp, LowRank, NoCompression, Policy, Threshold, TopK, simulate
+from hpctrain.compression import FP16, AdaComp, LowRank, NoCompression, Policy, SignSGD, Threshold, TopK, simulate
 from hpctrain.compression.base import Compressor
 from hpctrain.optimizer import DistributedOptimizer
 
 COMPRESSORS: dict[str, Callable[[], Compressor]] = {
     "none": NoCompression, "fp16": FP16, "topk": lambda: TopK(0.05), "threshold": lambda: Threshold(density=0.05),
-    "adacomp": lambda: AdaComp(conv_bin=5, fc_bin=50), "lowrank": lambda: LowRank(rank=2)}
+    "adacomp": lambda: AdaComp(conv_bin=5, fc_bin=50), "lowrank": lambda: LowRank(rank=2), "signsgd": SignSGD}
 FUSIONS = ("none", "backward", "forward")
 MIN_NUMEL = 300              # conv (144) and head (256) weights and every bias ride the bypass
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {

@@ -1,0 +1,45 @@
+"""The compressors a run config can name. Adding one: its file in this package, one line here.
+
+Torch-free (a config names compressors before any of them is imported): a name maps to
+"module:Class", and the class, a dataclass whose fields are its hyper-parameters, is imported
+only when built.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Mapping
+
+from hpctrain.errors import UserError
+from hpctrain.schema import build as build_dataclass
+
+if TYPE_CHECKING:
+    from hpctrain.compression.base import Compressor
+
+COMPRESSORS: dict[str, str] = {
+    "fp16": "hpctrain.compression.dense:FP16",
+    "topk": "hpctrain.compression.topk:TopK",
+    "threshold": "hpctrain.compression.threshold:Threshold",
+    "adacomp": "hpctrain.compression.adacomp:AdaComp",
+    "lowrank": "hpctrain.compression.lowrank:LowRank",
+    "signsgd": "hpctrain.compression.signsgd:SignSGD",
+}
+# "none": no compressor, every gradient in fp32 (as hvd.DistributedOptimizer).
+NAMES = ("none", *COMPRESSORS)
+
+
+def compressor_class(name: str) -> type[Compressor]:
+    """The class registered as `name`."""
+    if name not in COMPRESSORS:
+        raise UserError(f"compression: unknown compressor {name!r}; choose one of {', '.join(NAMES)}")
+    module, attribute = COMPRESSORS[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def build(name: str, options: Mapping[str, Any] | None = None) -> Compressor | None:
+    """The compressor called `name` with hyper-parameters `options` (a `[compression.NAME]`
+    table; missing keys take the class's defaults); None for "none"."""
+    if name == "none":
+        if options:
+            raise UserError("config: [compression.none] takes no keys: dense fp32 has no hyper-parameters")
+        return None
+    return build_dataclass(compressor_class(name), dict(options or {}), f"compression.{name}")
