@@ -7,7 +7,7 @@ ROOTOPT := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
 MPIRUN  := mpirun $(ROOTOPT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1
 PYTEST  ?= -q
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py --out benchmarks/out/RESULTS.md
+
+# On a GPU node with its own Python (no setup: no network there); see docs/gpu-check.md.
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf runs .pytest_cache

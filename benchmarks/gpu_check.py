@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -576,16 +577,24 @@ def check_ranks(ctx: Context, r: CheckResult) -> None:
            str(Path(__file__).resolve()), "--rank-worker", str(result_path), "--data", data,
            "--devices", ",".join(devices), "--compressors", ",".join(p.rank_compressors),
            "--epochs", str(p.rank_epochs), "--out", str(ctx.out / "runs")]
-    env = dict(os.environ, HPCTRAIN_BACKEND="torch", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // RANKS))),
-               TQDM_DISABLE="1", PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // RANKS)))
+    env = dict(os.environ, HPCTRAIN_BACKEND="torch", OMP_NUM_THREADS=threads, TQDM_DISABLE="1", PYTHONUNBUFFERED="1",
+               GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     if ctx.cuda:
         torch.cuda.empty_cache()              # the ranks share the device with this process
     log(f"4. {' '.join(cmd[1:7])} ... ({len(devices) * len(p.rank_compressors)} training runs)")
+    # Its own session, so a timeout takes down torchrun's ranks too (they would hold the GPU).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=p.rank_timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        r.expect(False, f"torchrun did not finish in {p.rank_timeout_s:g} s: {str(exc.stdout or '')[-500:]}")
+        stdout, stderr = proc.communicate(timeout=p.rank_timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        (ctx.out / "ranks.log").write_text(stdout + stderr)
+        r.expect(False, f"torchrun did not finish in {p.rank_timeout_s:g} s (output in {ctx.out / 'ranks.log'})")
         return
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     (ctx.out / "ranks.log").write_text(proc.stdout + proc.stderr)
     engine = next((line for line in proc.stdout.splitlines() if line.startswith("hpctrain: engine")), "")
     if not r.expect(proc.returncode == 0 and result_path.is_file(),

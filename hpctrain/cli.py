@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("hpctrain.data.scoring", "compute per-sample importance scores of a shard directory"),
     "report": ("analysis.report", "plots, tables and HTML pages from step logs or scores"),
     "jobs": ("hpctrain.jobs", "render or submit LSF (jsrun) and Slurm (srun) job scripts"),
+    "advise": ("hpctrain.advise", "predict per world size and link whether compression pays, from a run's log"),
 }
 
 

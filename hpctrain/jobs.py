@@ -79,6 +79,11 @@ class Site:
     # Shell lines run before launching (module loads); env values may use $VARS.
     setup: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # Link figures for `hpctrain advise --site` (read by hpctrain/cost/links.py): inter_gbit,
+    # intra_gbit, latency_us, intra_latency_us.
+    links: dict[str, float] = field(default_factory=dict)
+    # Network links of the site (read by hpctrain.cost.links; not used for rendering).
+    links: dict[str, float] = field(default_factory=dict)
     name: str = ""
 
 

@@ -73,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
         check_world_size(cfg, comm.size())
     except UserError as exc:
         raise AgreedError(str(exc)) from None
-    return Trainer(cfg, stop).fit(resume=args.resume, overwrite=args.overwrite)
+    return Trainer(cfg, stop, resume=args.resume, overwrite=args.overwrite, prepare=True).fit()
 
 
 def init_comm(cfg: Config) -> comm.Communicator:
     """Start the engine the run config asks for; rank 0 says which one it got."""
     horovod_environment(cfg.horovod.fusion_threshold_mb, cfg.horovod.cycle_time_ms)
-    communicator = comm.init(cfg.dist.backend, cfg.dist.torch_backend, cfg.dist.timeout_s)
+    communicator = comm.init(cfg.dist.backend, cfg.dist.torch_backend, cfg.dist.timeout_s, cfg.train.device)
     if communicator.rank == 0:
         note = getattr(communicator, "note", None)
         print(f"hpctrain: engine {communicator.describe()}, {communicator.size} rank(s)"
@@ -146,7 +146,10 @@ class Preempted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, stop: preempt.StopSignals | None = None):
+    def __init__(self, cfg: Config, stop: preempt.StopSignals | None = None, resume: str | None = None,
+                 overwrite: bool = False, prepare: bool = False):
+        """`resume`/`overwrite` as `hpctrain train` takes them; the run directory is locked and checked
+        first (before any data is loaded), unless `prepare` is False (then `fit` does it)."""
         self.cfg = cfg
         self.stop = stop or preempt.StopSignals()
         self.lock: rundir.RunLock | None = None
@@ -155,6 +158,9 @@ class Trainer:
         self._fingerprint: str | None = None
         self.rank, self.world = comm.rank(), comm.size()
         self.root = self.rank == 0
+        self._prepared: tuple[bool, dict[str, Any] | None] | None = None
+        if prepare:
+            self._prepare(resume, overwrite)
         self.device = comm.pick_device(cfg.train.device)
         seed_everything(cfg.run.seed)
         self.splits = load_splits(cfg.data, cfg.run.seed)
@@ -311,24 +317,36 @@ class Trainer:
                                        "reason": reason, "statistic": float("nan")})
 
     # -- the loop --------------------------------------------------------------------------
-    def fit(self, resume: str | None = None, overwrite: bool = False) -> int:
-        """Train; returns the exit code (0, or `preempt.REQUEUE_EXIT_CODE` after a stop signal)."""
-        try:
-            return self._fit(resume, overwrite)
-        finally:
-            if self.lock is not None:
-                self.lock.release()
-
-    def _fit(self, resume: str | None, overwrite: bool) -> int:
+    def _prepare(self, resume: str | None, overwrite: bool) -> None:
+        """Rank 0 locks and checks the run directory; every rank learns the verdict (and the state)."""
         state, error = None, None
         if self.root:
             try:
                 state = self._prepare_run_dir(resume, overwrite)
             except UserError as exc:
                 error = str(exc)
-        self._agree(error)
+        try:
+            self._agree(error)
+        except AgreedError:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         resumed = comm.get().broadcast_object(state is not None, name="hpctrain.resumed") if self.world > 1 \
             else state is not None
+        self._prepared = (resumed, state)
+
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> int:
+        """Train; returns the exit code (0, or `preempt.REQUEUE_EXIT_CODE` after a stop signal)."""
+        try:
+            if self._prepared is None:
+                self._prepare(resume, overwrite)
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> int:
+        resumed, state = self._prepared
         if resumed:
             self._resume(comm.get().broadcast_object(state, name="resume") if self.world > 1 else state)
         else:

@@ -7,7 +7,8 @@
 #   HPCTRAIN_VENV   where the virtualenv lives          (default: ./.venv)
 #   HPCTRAIN_CACHE  where built wheels are cached       (default: ~/.cache/hpctrain)
 #   TORCH_SPEC      the torch requirement               (default: torch==2.13.0, a CPU build)
-#   HOROVOD_GPU_OPERATIONS=NCCL on GPU nodes, with a CUDA torch given in TORCH_SPEC.
+#   HOROVOD_GPU_OPERATIONS  NCCL by default when TORCH_SPEC is a CUDA build (needs the CUDA toolkit);
+#                           the wheel cache is keyed on it. The torch.distributed engine needs no build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +44,9 @@ fi
 
 # 3. Horovod, from the cached wheel when there is one for this torch.
 torch_tag=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.replace("+", "_"))')
-wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$torch_tag"
+# A CUDA torch wants Horovod's GPU collectives (NCCL), else CUDA tensors are staged through the host.
+gpu_ops=${HOROVOD_GPU_OPERATIONS:-$("$VENV/bin/python" -c 'import torch; print("NCCL" if torch.version.cuda else "")')}
+wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-torch$torch_tag${gpu_ops:+-gpu$gpu_ops}"
 if ! "$VENV/bin/python" -c 'import horovod.torch' 2>/dev/null; then
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     say "building Horovod $HOROVOD_VERSION against torch $torch_tag (once, ~5 min)"
@@ -55,6 +58,7 @@ if ! "$VENV/bin/python" -c 'import horovod.torch' 2>/dev/null; then
     # Horovod asks for C++14; torch >= 2.1 headers need C++17.
     sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
     mkdir -p "$wheel_dir.tmp"
+    if [ -n "$gpu_ops" ]; then export HOROVOD_GPU_OPERATIONS=$gpu_ops; fi
     (cd "$src" && HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
        HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" \
        "$VENV/bin/python" -m pip wheel --no-deps --no-build-isolation -q -w "$wheel_dir.tmp" .)

@@ -453,16 +453,21 @@ def test_policy_from_config_builds_every_compressor(name):
         assert getattr(policy.default, key) == value
 
 
-def test_signsgd_sends_one_bit_per_entry_and_keeps_what_the_sign_missed():
-    """Each rank: ceil(n/8) bytes of signs and one fp32 scale = mean |p|; residual = p − scale·sign(p)."""
-    compressor, states = SignSGD(), fresh_states(WORLD)
+@pytest.mark.parametrize("block", [0, 256])
+def test_signsgd_sends_one_bit_per_entry_and_keeps_what_the_sign_missed(block):
+    """Each rank: ceil(n/8) bytes of signs and one fp32 scale per block = its mean |p|;
+    residual = p − scale·sign(p)."""
+    compressor, states = SignSGD(block=block), fresh_states(WORLD)
     grads = grads_for(FC, WORLD, seed=3)
     rounds: list = []
     out, sent = step(compressor, grads, states, rounds)
     numel = torch.Size(FC).numel()
+    blocks = 1 if block == 0 else -(-numel // block)          # 1480 entries: 5 full blocks and 200
     for rank, (g, s, state) in enumerate(zip(grads, sent, states)):
-        assert [t.numel() * t.element_size() for t in rounds[0][rank].payloads] == [-(-numel // 8), 4]
-        scale = g.abs().mean()
+        assert [t.numel() * t.element_size() for t in rounds[0][rank].payloads] == [-(-numel // 8), 4 * blocks]
+        flat = g.reshape(-1)
+        chunks = [flat] if block == 0 else flat.split(block)
+        scale = torch.cat([c.abs().mean().expand(len(c)) for c in chunks]).view(FC)
         assert_near(s, torch.where(g < 0, -scale, scale), 1e-6)
         assert_near(state.residual, g - s, 1e-6)
     assert_near(out[0], torch.stack(sent).mean(0), 1e-6)

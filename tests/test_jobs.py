@@ -140,7 +140,7 @@ def test_train_command_environment_and_run_dir():
         "--set", f'run.out_dir="{REPO / "runs-x"}"', "--set", 'run.name="trial"']
     script = jobs.render(job)
     # The script's own shell must hand the same words to hpctrain.
-    launch = script[script.index("srun "):].replace("\\\n", " ")
+    launch = script[script.index("srun "):script.index(" || rc=$?")].replace("\\\n", " ")
     assert shlex.split(launch)[-len(job.train_command):] == job.train_command
     assert f"#SBATCH -o {job.run_dir}/job-%j.out" in script
 

@@ -46,8 +46,10 @@ def choose_engine(backend: str, launch: launcher.Launch) -> str:
     return "horovod" if horovod_launch and importlib.util.find_spec("horovod") is not None else "torch"
 
 
-def init(backend: str = "auto", torch_backend: str = "auto", timeout_s: float = 600.0) -> Communicator:
-    """Start the engine once per process (later calls return it) and give each rank its CPU share."""
+def init(backend: str = "auto", torch_backend: str = "auto", timeout_s: float = 600.0,
+         device: str = "auto") -> Communicator:
+    """Start the engine once per process (later calls return it) and give each rank its CPU share;
+    `device` ("auto", "cuda", "cpu": where training runs) steers the torch engine's transport."""
     global _active
     if _active is not None:
         return _active
@@ -61,7 +63,7 @@ def init(backend: str = "auto", torch_backend: str = "auto", timeout_s: float = 
         _active = HorovodCommunicator()
     else:
         from hpctrain.comm.torch_distributed import TorchCommunicator
-        _active = TorchCommunicator(launch, torch_backend, timeout_s)
+        _active = TorchCommunicator(launch, torch_backend, timeout_s, device)
     import torch
 
     if "OMP_NUM_THREADS" not in os.environ:

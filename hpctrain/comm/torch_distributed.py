@@ -41,14 +41,16 @@ class _Future:
         return self._future.result()
 
 
-def choose_backend(requested: str, local_size: int) -> tuple[str, str | None]:
-    """(backend, why) for `dist.torch_backend`: NCCL where each local rank has its own GPU."""
+def choose_backend(requested: str, local_size: int, device: str = "auto") -> tuple[str, str | None]:
+    """(backend, why) for `dist.torch_backend`: NCCL where each local rank has its own GPU and
+    trains on it (`device`: "auto", "cuda" or "cpu", as `train.device`)."""
     if requested not in TORCH_BACKENDS:
         raise UserError(f"dist.torch_backend = {requested!r}; choose one of {', '.join(TORCH_BACKENDS)}")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and device != "cpu" else 0
     if requested == "nccl":
         if not gpus:
-            raise UserError("dist.torch_backend = 'nccl' but no GPU is visible; use 'gloo' or 'auto'")
+            raise UserError("dist.torch_backend = 'nccl' but no GPU is visible (or train.device = 'cpu'); "
+                            "use 'gloo' or 'auto'")
         if local_size > gpus:
             raise UserError(f"dist.torch_backend = 'nccl' with {local_size} ranks on a node with {gpus} GPU(s): NCCL "
                             "refuses two ranks on one GPU; launch one rank per GPU or use 'gloo'")
@@ -81,10 +83,10 @@ def _rendezvous(launch: Launch, timeout: timedelta) -> td.Store:
 class TorchCommunicator(Communicator):
     engine = "torch"
 
-    def __init__(self, launch: Launch, torch_backend: str = "auto", timeout_s: float = 600.0):
+    def __init__(self, launch: Launch, torch_backend: str = "auto", timeout_s: float = 600.0, device: str = "auto"):
         self.rank, self.size = launch.rank, launch.size
         self.local_rank, self.local_size = launch.local_rank, launch.local_size
-        self.backend, self.note = choose_backend(torch_backend, launch.local_size)
+        self.backend, self.note = choose_backend(torch_backend, launch.local_size, device)
         self.device = torch.device("cpu")
         if self.backend == "nccl":
             self.device = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
@@ -93,6 +95,9 @@ class TorchCommunicator(Communicator):
         timeout = timedelta(seconds=timeout_s)
         if td.is_initialized():              # the user's own init_process_group (e.g. for DDP): adopt it
             self.rank, self.size, self.backend = td.get_rank(), td.get_world_size(), td.get_backend()
+        elif launch.launcher == "torchrun":      # its agent hosts the store (TORCHELASTIC_USE_AGENT_STORE)
+            td.init_process_group(self.backend, init_method="env://", rank=self.rank, world_size=self.size,
+                                  timeout=timeout)
         else:
             store = td.HashStore() if launch.size == 1 else _rendezvous(launch, timeout)
             td.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size, timeout=timeout)

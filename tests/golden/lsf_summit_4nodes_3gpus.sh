@@ -19,6 +19,11 @@
 #BSUB -o /gpfs/alpine/abc123/scratch/alice/runs/digits-small/job-%J.out
 #BSUB -e /gpfs/alpine/abc123/scratch/alice/runs/digits-small/job-%J.err
 #BSUB -r
+# Walltime: 2 min before the limit the job gets SIGUSR1 (checkpoint.write_s = 30 s):
+# every rank finishes its step, checkpoints and exits 75, which LSF requeues (-Q).
+#BSUB -wa USR1
+#BSUB -wt 2
+#BSUB -Q "75"
 set -euo pipefail
 
 export HPCTRAIN_BACKEND="horovod"

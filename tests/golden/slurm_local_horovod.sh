@@ -19,6 +19,10 @@
 #SBATCH -e /gpfs/alpine/abc123/scratch/alice/runs/digits/job-%j.err
 #SBATCH --requeue
 #SBATCH --open-mode=append
+# Walltime: 120 s before the limit every rank gets SIGUSR1 (checkpoint.write_s = 30 s),
+# finishes its step, checkpoints and exits 75; the script then requeues the job,
+# which resumes from that checkpoint.
+#SBATCH --signal=USR1@120
 set -euo pipefail
 
 export HPCTRAIN_BACKEND="horovod"
@@ -32,9 +36,16 @@ mkdir -p "$RUN_DIR"
 echo "$SLURM_JOB_ID $(date -u +%Y-%m-%dT%H:%M:%SZ) 2 ranks on 1 node(s)" >> "$RUN_DIR/jobs.txt"
 cd @REPO@
 
+# Exit 75: stopped on a signal with a checkpoint written; requeue (same job id).
+rc=0
 # srun does not inherit -c from the allocation on every Slurm version, so the step repeats it;
 # --kill-on-bad-exit ends the whole step as soon as one rank fails.
 srun -N 1 -n 2 --ntasks-per-node=2 -c 1 --kill-on-bad-exit=1 --mpi=pmix \
     hpctrain train --config @REPO@/configs/digits.toml --resume=auto \
     --set 'run.out_dir="/gpfs/alpine/abc123/scratch/alice/runs"' \
-    --set 'run.name="digits"'
+    --set 'run.name="digits"' || rc=$?
+if [ "$rc" -eq 75 ]; then
+    echo "hpctrain: checkpointed on a stop signal; requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
