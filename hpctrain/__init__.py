@@ -7,6 +7,9 @@
                                         compression=hpctrain.compression.AdaComp())
     hpctrain.broadcast_parameters(model.state_dict(), root_rank=0)
     hpctrain.broadcast_optimizer_state(opt, root_rank=0)
+
+For one's own loop (docs/library.md): hpctrain.data.ShardDataset, hpctrain.data.AdaptiveBatchSampler,
+hpctrain.AdaptiveBatch and hpctrain.StepLog; examples/ shows them together.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["init", "rank", "size", "local_rank", "local_size", "device", "broadcast_parameters",
-           "broadcast_optimizer_state", "DistributedOptimizer", "ddp_comm_hook", "compression", "__version__"]
+           "broadcast_optimizer_state", "DistributedOptimizer", "ddp_comm_hook", "compression", "AdaptiveBatch",
+           "StepLog", "data", "__version__"]
 
 # name → (module, attribute), imported on first use so `import hpctrain` and `hpctrain jobs` stay fast.
 _LAZY = {
@@ -29,6 +33,9 @@ _LAZY = {
     "DistributedOptimizer": ("hpctrain.optimizer", "DistributedOptimizer"),
     "ddp_comm_hook": ("hpctrain.ddp", "ddp_comm_hook"),
     "compression": ("hpctrain.compression", None),
+    "AdaptiveBatch": ("hpctrain.batch.adaptive", "AdaptiveBatch"),
+    "StepLog": ("hpctrain.h5log", "StepLog"),
+    "data": ("hpctrain.data", None),      # hpctrain.data.ShardDataset, hpctrain.data.AdaptiveBatchSampler
 }
 
 

@@ -6,6 +6,7 @@ only when that subcommand runs, so `hpctrain jobs render` does not pay for impor
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 import traceback
@@ -68,6 +69,18 @@ def _agreed_exit(exc: "AgreedError") -> int:
     return exc.code
 
 
+# What the engines raise on the ranks that survive a peer's death.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "HorovodInternalError",
+              "Horovod has been shut down", "ranks that are no longer active")
+
+
+def _peer_failed(exc: BaseException) -> bool:
+    from hpctrain.comm import launcher
+
+    text = f"{type(exc).__name__}: {exc}"
+    return launcher.detect().size > 1 and any(s in text for s in _PEER_GONE)
+
+
 def run_guarded(func: Callable[[], int | None]) -> int:
     """Run a command; a UserError becomes one line (printed once per job, by the rank that failed, rank 0
     first), and in a multi-rank job any error aborts all ranks."""
@@ -100,9 +113,11 @@ def run_guarded(func: Callable[[], int | None]) -> int:
     except BrokenPipeError:          # `hpctrain ... | head` closed our stdout: not an error
         sys.stderr.close()
         return 0
-    except Exception:
+    except Exception as exc:
         _default_signals()
         release_all()
+        if _peer_failed(exc):        # a rank died: the launcher or its own line says why
+            comm.abort(None, code=2)
         traceback.print_exc()
         comm.abort("unexpected error (traceback above); please report it", code=1)
     return 1  # not reached: abort exits
@@ -118,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = argv[0]
     if command not in COMMANDS:
-        print(f"hpctrain: error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"hpctrain: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = COMMANDS[command]
     parser = argparse.ArgumentParser(prog=f"hpctrain {command}", description=help_)

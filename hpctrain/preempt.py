@@ -4,7 +4,8 @@
   and Ctrl-C) only *request* a stop. The trainer sends the request with the loss allreduce it
   does every step anyway, so every rank learns of a signal that reached any one of them at the
   same step, with no extra message; they finish that step, write a checkpoint together and exit
-  with `REQUEUE_EXIT_CODE`. A second signal while stopping ends the process at once.
+  with `REQUEUE_EXIT_CODE`. Repeated signals change nothing (a launcher's follow-up SIGTERM must not
+  cut the checkpoint short); a second Ctrl-C interrupts at once.
 * `watch_launcher`: a rank whose launcher (mpirun, torchrun's agent, slurmstepd) is gone exits
   at once, without writing anything more: its parent process changing is the sign.
 
@@ -45,12 +46,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:            # asked twice: stop now
-            self.restore()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            os._exit(128 + signum)
-        self.signum = signum
+        if self.signum is not None and signum == signal.SIGINT and self.signum == signal.SIGINT:
+            self.restore()                     # Ctrl-C twice: stop now
+            raise KeyboardInterrupt
+        if self.signum is None:                # a scheduler's repeated SIGTERM must not cut the checkpoint short
+            self.signum = signum
 
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""

@@ -73,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
         check_world_size(cfg, comm.size())
     except UserError as exc:
         raise AgreedError(str(exc)) from None
-    return Trainer(cfg, stop, resume=args.resume, overwrite=args.overwrite, prepare=True).fit()
+    try:
+        return Trainer(cfg, stop, resume=args.resume, overwrite=args.overwrite, prepare=True).fit()
+    finally:
+        stop.restore()      # from here a launcher's SIGTERM ends the process
 
 
 def init_comm(cfg: Config) -> comm.Communicator:
@@ -415,6 +418,8 @@ class Trainer:
                 self._check_divergence(loss)
                 if stop:                          # a stop signal reached some rank: all stop here
                     self._save()
+                    if self.world > 1:            # nobody exits (and has the launcher kill the rest)
+                        comm.get().barrier()      # before rank 0's checkpoint is on disk
                     raise Preempted()
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 bar.update()

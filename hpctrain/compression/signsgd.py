@@ -37,16 +37,18 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 class SignSGD(Compressor):
     """One bit per entry plus one fp32 scale per `block` entries, with error feedback.
 
-    Tuning: `block` trades bytes for fidelity: one scale per tensor (0) is the paper's, 32× on
-    the wire; per 256 entries, ~28×, lets quiet and busy regions of a layer keep their own
-    magnitude. Use it where a fixed ratio is wanted on every tensor at small to moderate world
-    sizes; the sparse compressors send less on large layers, and LowRank scales better with ranks.
+    Tuning: `block = 0` (one scale per tensor, the paper's) sends 32× less than fp32. A scale per
+    block of entries looks more faithful but trained worse on the MNIST-1D CNN (SGD, momentum 0.9,
+    LR 0.1, 20 epochs, 4 ranks: 88.4% with one scale, 76.6–79.5% with blocks of 256, dense
+    95.7–96.2%). Sign compression costs accuracy there that the sparse compressors (AdaComp
+    −0.23 pt) do not; use it where a fixed ratio on every tensor matters more, at small to
+    moderate world sizes (the allgather stops paying at P ≈ 64).
     """
 
     name = "signsgd"
     kind = "allgather"
     error_feedback = True
-    block: int = 256
+    block: int = 0
 
     def __post_init__(self) -> None:
         if self.block < 0:

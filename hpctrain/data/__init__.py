@@ -2,16 +2,30 @@
 
 Every dataset (built-in arrays, an HDF5 file, a directory of shards) implements the small
 `Dataset` protocol, so the sampler and the training loop never care where samples live.
+For one's own loop: `ShardDataset` (a torch Dataset) and `AdaptiveBatchSampler` (a DataLoader
+batch sampler following the global batch), imported on first use so this package needs no torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from hpctrain.errors import UserError
+
+__all__ = ["ShardDataset", "AdaptiveBatchSampler", "GlobalBatchSampler", "Dataset", "ArrayDataset", "Splits",
+           "load_splits"]
+_LAZY = {"ShardDataset": "hpctrain.data.dataset", "AdaptiveBatchSampler": "hpctrain.data.sampler",
+         "GlobalBatchSampler": "hpctrain.data.sampler"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hpctrain.data' has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 class Dataset(Protocol):

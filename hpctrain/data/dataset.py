@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from hpctrain.data import Dataset as SplitDataset, KEEP_DEFAULTS, load_splits
+from hpctrain.data import Dataset as SplitDataset, load_splits
 from hpctrain.errors import UserError
 
 SPLITS = ("train", "val")
@@ -43,8 +43,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.num_classes: int = splits.num_classes
         self.sample_shape: tuple[int, ...] = tuple(splits.input_shape)
         self.positions = np.arange(len(self._split), dtype=np.int64)   # rows of the split in this view
-        if (keep_fraction, keep) != (KEEP_DEFAULTS["keep_fraction"], KEEP_DEFAULTS["keep"]):
-            self.positions = self.kept(keep_fraction=keep_fraction, score=score, keep=keep).positions
+        self.positions = self.kept(keep_fraction=keep_fraction, score=score, keep=keep).positions
 
     # -- views ---------------------------------------------------------------------------
     def view(self, indices: Sequence[int] | np.ndarray) -> "ShardDataset":
@@ -104,6 +103,3 @@ class ShardDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"ShardDataset({self._cfg.name!r}, {len(self)} samples of shape {self.sample_shape}, "
                 f"{self.num_classes} classes)")
-
-    def __getstate__(self) -> dict[str, Any]:   # spawned workers: the split drops open handles itself
-        return self.__dict__

@@ -8,9 +8,12 @@ each sample is still seen exactly once per epoch; the cursor is all a checkpoint
 """
 from __future__ import annotations
 
-from typing import Any
+from collections import deque
+from typing import Any, Iterator, Sized
 
 import numpy as np
+
+from hpctrain.errors import UserError
 
 
 class GlobalBatchSampler:
@@ -65,3 +68,95 @@ class GlobalBatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
+
+
+class AdaptiveBatchSampler:
+    """A DataLoader `batch_sampler` over `GlobalBatchSampler`: each step yields this rank's slice of
+    the next global batch, at the size in force when the loader asks for it.
+
+    `batch` is a fixed global batch or anything with a `global_batch` attribute (an
+    `hpctrain.AdaptiveBatch`), read for every batch made: the loader is never rebuilt when the
+    batch grows, and since every rank applies rank 0's decision at the same step, every rank
+    reads the same size. A DataLoader with workers asks `num_workers × prefetch_factor` batches
+    ahead, so those keep the size they were made with (on every rank alike).
+
+    Resuming: call `record_batch()` after each step (as with Horovod's `ElasticSampler`); then
+    `state_dict()` holds the epoch, the samples consumed, and the sizes of the batches made but not
+    yet consumed, and a sampler loaded from it yields exactly the batches the saved one would have.
+    """
+
+    def __init__(self, data: int | Sized, batch: int | Any, *, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None):
+        n = data if isinstance(data, (int, np.integer)) else len(data)
+        if rank is None or world_size is None:
+            from hpctrain import comm
+            rank, world_size = comm.rank() if rank is None else rank, comm.size() if world_size is None else world_size
+        if not isinstance(batch, (int, np.integer)) and not hasattr(batch, "global_batch"):
+            raise UserError(f"AdaptiveBatchSampler: batch = {batch!r}; give a global batch size or an "
+                            "hpctrain.AdaptiveBatch")
+        if n < world_size:
+            raise UserError(f"AdaptiveBatchSampler: {n} samples cannot be split over {world_size} ranks")
+        self.batch = batch
+        self.sampler = GlobalBatchSampler(np.arange(n, dtype=np.int64), seed, rank, world_size)
+        self._consumed = 0                   # the epoch's samples (all ranks) in batches consumed
+        self._made: deque[tuple[int, int]] = deque()    # (global batch, cursor after) made, not consumed
+        self._replay: list[int] = []         # sizes to make the next batches with (resume)
+        self._check(self.global_batch)
+
+    @property
+    def global_batch(self) -> int:
+        """The global batch size the next batch is made with."""
+        return int(self.batch if isinstance(self.batch, (int, np.integer)) else self.batch.global_batch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def _check(self, global_batch: int) -> None:
+        if global_batch < 1 or global_batch % self.sampler.world_size:
+            raise UserError(f"AdaptiveBatchSampler: global batch {global_batch} must be a positive multiple of "
+                            f"the world size {self.sampler.world_size}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle for `epoch` (as DistributedSampler.set_epoch); the same epoch again keeps a resumed position."""
+        if epoch != self.sampler.epoch:
+            self.sampler.set_epoch(epoch)
+            self._consumed, self._made, self._replay = 0, deque(), []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A new pass starts where consumption stopped: batches made but not consumed (a loop left
+        # early, a loader's prefetch) are made again, at the same sizes.
+        self._replay = [size for size, _ in self._made] + self._replay
+        self._made.clear()
+        self.sampler.cursor = self._consumed
+        if self.sampler.exhausted():                      # the epoch was used up: go over it again
+            self._consumed = self.sampler.cursor = 0
+            self._replay = []
+        while True:
+            size = self._replay.pop(0) if self._replay else self.global_batch
+            self._check(size)
+            local = self.sampler.next_batch(size)
+            if local is None:
+                return
+            self._made.append((size, self.sampler.cursor))
+            yield local.tolist()
+
+    def __len__(self) -> int:
+        """Steps left in this epoch at the current size (exact unless the batch grows meanwhile)."""
+        return self.sampler.steps_left(self.global_batch) if not self.sampler.exhausted() else 0
+
+    def record_batch(self) -> int:
+        """Mark the oldest batch made as consumed (call once per optimizer step); returns its global size."""
+        if not self._made:
+            raise UserError("AdaptiveBatchSampler.record_batch(): no batch was handed out since the last record; "
+                            "call it once per step, after the step's batch came from the loader")
+        size, self._consumed = self._made.popleft()
+        return size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.sampler.epoch, "cursor": self._consumed,
+                "pending": [size for size, _ in self._made] + self._replay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict({"epoch": state["epoch"], "cursor": state["cursor"]})
+        self._consumed, self._made, self._replay = int(state["cursor"]), deque(), list(state.get("pending", []))
