@@ -49,28 +49,28 @@ def _smooth(values: pd.Series) -> pd.Series:
     return values.replace([np.inf, -np.inf], np.nan).rolling(window, min_periods=1).mean()
 
 
-def _loss_and_accuracy(logs: Sequence[Log], by_time: bool) -> Figure:
-    fig, (loss_ax, acc_ax) = _figure(1, 2)
-    for i, log in enumerate(logs):
-        step_x = log.step_wall_time() if by_time else log.steps["step"]
-        eval_x = log.evals["wall_time_s"] if by_time else log.evals["step"]
-        loss_ax.plot(step_x, log.steps["loss"], color=_color(i), lw=0.8, alpha=0.8, label=f"{log.name} train")
-        loss_ax.plot(eval_x, log.evals["val_loss"], "o--", color=_color(i), ms=3, label=f"{log.name} val")
-        acc_ax.plot(eval_x, log.evals["val_accuracy"], "o-", color=_color(i), ms=3, label=log.name)
-    xlabel = "wall time (s)" if by_time else "step"
-    loss_ax.set(xlabel=xlabel, ylabel="loss", title="loss")
-    acc_ax.set(xlabel=xlabel, ylabel="validation accuracy", title="validation accuracy")
-    _legend(loss_ax)
-    _legend(acc_ax)
+def plot_loss_and_accuracy(logs: Sequence[Log]) -> Figure:
+    """Loss and validation accuracy against steps (top row) and wall time (bottom row), in one figure.
+
+    Two separate figures looked identical whenever step times were steady; side by side, the rows
+    show at once whether a run that needs fewer steps also needs less time."""
+    fig, axes = _figure(2, 2)
+    fig.set_figheight(6.4)
+    rows = (("step", "optimizer step", lambda log: log.steps["step"], lambda log: log.evals["step"]),
+            ("wall time (s)", "wall-clock time",
+             lambda log: log.step_wall_time(), lambda log: log.evals["wall_time_s"]))
+    for (xlabel, against, step_x, eval_x), (loss_ax, acc_ax) in zip(rows, axes.reshape(2, 2)):
+        for i, log in enumerate(logs):
+            loss_ax.plot(step_x(log), log.steps["loss"], color=_color(i), lw=0.8, alpha=0.8, label=f"{log.name} train")
+            loss_ax.plot(eval_x(log), log.evals["val_loss"], "o--", color=_color(i), ms=3, label=f"{log.name} val")
+            acc_ax.plot(eval_x(log), log.evals["val_accuracy"], "o-", color=_color(i), ms=3, label=log.name)
+        loss_ax.set(xlabel=xlabel, ylabel="loss", title=f"loss vs {against}")
+        acc_ax.set(xlabel=xlabel, ylabel="validation accuracy", title=f"validation accuracy vs {against}")
+    for ax in axes[2:]:
+        ax.set_facecolor("#eef3f8")       # the time row looks different at a glance
+    _legend(axes[0])
+    _legend(axes[1])
     return fig
-
-
-def plot_curves_vs_step(logs: Sequence[Log]) -> Figure:
-    return _loss_and_accuracy(logs, by_time=False)
-
-
-def plot_curves_vs_time(logs: Sequence[Log]) -> Figure:
-    return _loss_and_accuracy(logs, by_time=True)
 
 
 def plot_batch_and_lr(logs: Sequence[Log]) -> Figure:
@@ -103,26 +103,37 @@ def plot_bytes_per_step(logs: Sequence[Log]) -> Figure:
     return fig
 
 
+def warmup_steps(log: Log) -> int:
+    """compression.warmup_steps of the run: its first steps send every parameter dense."""
+    return int(log.config.get("compression", {}).get("warmup_steps", 0) or 0)
+
+
 def layer_table(log: Log) -> pd.DataFrame:
-    """Per parameter: mean wire and dense bytes per logged step, and their ratio dense/wire."""
-    table = log.layers.groupby("name", sort=False)[["wire_bytes", "dense_bytes"]].mean()
+    """Per parameter: mean wire and dense bytes per logged step after the dense warm-up (the steps
+    `hpctrain.advise` also leaves out), and their ratio dense/wire."""
+    layers = log.layers[log.layers["step"] > warmup_steps(log)]
+    table = layers.groupby("name", sort=False)[["wire_bytes", "dense_bytes"]].mean()
     table["ratio"] = table["dense_bytes"] / table["wire_bytes"].where(table["wire_bytes"] > 0)
     return table
 
 
 def plot_bytes_per_layer(logs: Sequence[Log]) -> Figure:
     """Per parameter: wire vs dense bytes and the compression ratio, one bar per run."""
-    with_layers = [(i, log) for i, log in enumerate(logs) if len(log.layers)]
-    names = list(dict.fromkeys(n for _, log in with_layers for n in log.layers["name"]))
+    tables = [(i, log, layer_table(log)) for i, log in enumerate(logs)]
+    with_layers = [(i, log, table) for i, log, table in tables if len(table)]
+    names = list(dict.fromkeys(n for _, _, table in with_layers for n in table.index))
     fig, (bytes_ax, ratio_ax) = _figure(1, 2)
     fig.set_figheight(max(3.6, 0.35 * len(names) * max(1, len(with_layers)) + 1.2))
     if not names:
-        _say_none(fig, "no per-layer records logged (log.layers_every = 0, or the run is too short)")
+        in_warmup = any(len(log.layers) for log in logs)
+        _say_none(fig, "every per-layer record is from the dense warm-up (compression.warmup_steps); "
+                       "log a longer run" if in_warmup else
+                       "no per-layer records logged (log.layers_every = 0, or the run is too short)")
         return fig
     y = np.arange(len(names))
     height = 0.8 / len(with_layers)
-    for k, (i, log) in enumerate(with_layers):
-        table = layer_table(log).reindex(names)
+    for k, (i, log, table) in enumerate(with_layers):
+        table = table.reindex(names)
         offset = y - 0.4 + height * (k + 0.5)
         bytes_ax.barh(offset, table["dense_bytes"], height, color="none", edgecolor=_color(i), ls="--",
                       label=f"{log.name} dense")
@@ -131,6 +142,10 @@ def plot_bytes_per_layer(logs: Sequence[Log]) -> Figure:
     for ax in (bytes_ax, ratio_ax):
         ax.set_yticks(y, names, fontsize="small")
         ax.invert_yaxis()
+    warmups = [(warmup_steps(log), log.name) for _, log, _ in with_layers]
+    said = str(warmups[0][0]) if len(warmups) == 1 else ", ".join(f"{w} ({name})" for w, name in warmups)
+    fig.suptitle(f"records of the steps after the dense warm-up only (compression.warmup_steps = {said})",
+                 fontsize="small", color="0.3")
     bytes_ax.set(xscale="log", xlabel="bytes per logged step", title="wire vs dense bytes per parameter")
     ratio_ax.set(xlabel="dense / wire", title="compression ratio per parameter")
     _legend(bytes_ax)
@@ -158,8 +173,7 @@ def plot_throughput(logs: Sequence[Log]) -> Figure:
 
 
 PLOTS: dict[str, tuple[str, Callable[[Sequence[Log]], Figure]]] = {
-    "loss_accuracy_vs_step": ("Loss and validation accuracy vs step", plot_curves_vs_step),
-    "loss_accuracy_vs_time": ("Loss and validation accuracy vs time", plot_curves_vs_time),
+    "loss_accuracy": ("Loss and validation accuracy vs step (top) and vs wall time (bottom)", plot_loss_and_accuracy),
     "batch_lr": ("Global batch size and learning rate, batch-size events marked", plot_batch_and_lr),
     "bytes_per_step": ("Wire vs dense bytes per step", plot_bytes_per_step),
     "bytes_per_layer": ("Wire vs dense bytes and compression ratio per parameter", plot_bytes_per_layer),

@@ -21,13 +21,16 @@ import pandas as pd
 from analysis import write_atomic
 from analysis.load import Log, load_logs
 from analysis.plots import PLOTS, write_plots
-from analysis.summary import add_target_argument, format_table, summary_table, write_csv
+from analysis.summary import add_target_argument, format_table, html_table, summary_table, write_csv
 from hpctrain.errors import UserError
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; max-width: 1400px; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+table.summary th { white-space: normal; vertical-align: bottom; } table.summary td { white-space: nowrap; }
+table.summary td:first-child { white-space: normal; word-break: break-all; text-align: left; }
+caption { caption-side: bottom; text-align: left; color: #555; padding-top: 0.3em; }
 figure { margin: 1.5em 0; } img { max-width: 100%; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 """
@@ -40,7 +43,7 @@ def render_html(logs: Sequence[Log], table: pd.DataFrame, pngs: dict[str, Path])
              "<h1>hpctrain report</h1>",
              f"<p>{len(logs)} run(s), generated {_dt.datetime.now().isoformat(timespec='seconds')}.</p>",
              "<h2>Summary</h2>",
-             table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–"),
+             html_table(table),
              "<h2>Plots</h2>"]
     for name, (caption, _) in PLOTS.items():
         data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
@@ -72,9 +75,11 @@ def _report(args: argparse.Namespace) -> None:
             raise UserError("usage: hpctrain report scores DATA_DIR --out scores.html (one directory)")
         from analysis.scores import write_scores_report
         out = args.out or Path("scores.html")
-        write_scores_report(Path(args.paths[1]), out)
+        write_scores_report(Path(args.paths[1]), out, args.keep_fraction, args.keep)
         print(f"wrote {out}")
         return
+    if args.keep_fraction is not None or args.keep is not None:
+        raise UserError("--keep-fraction and --keep set the score page's selection: `hpctrain report scores DATA_DIR ...`")
     out_dir = args.out or Path("report")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {str(out_dir)!r} is a file; give a directory for the report")
@@ -88,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="report directory (default: report), or the HTML file for `scores` (default: scores.html)")
     add_target_argument(parser)
+    from analysis.scores import add_selection_arguments   # `report scores` only
+    add_selection_arguments(parser)
     parser.set_defaults(func=_report)
 
 

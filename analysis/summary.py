@@ -9,6 +9,7 @@ Definitions (all from the log's own columns):
 from __future__ import annotations
 
 import argparse
+import html
 import math
 import sys
 from pathlib import Path
@@ -68,6 +69,36 @@ def summary_table(logs: Sequence[Log], target_accuracy: float | None = None) -> 
 def format_table(table: pd.DataFrame) -> str:
     """The table for a terminal: 4 significant digits, runs as rows."""
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+# Short headers for the HTML page, so the 14 columns fit its width (the CSV keeps the full names).
+HTML_HEADERS = {
+    "run": "run", "world_size": "ranks", "steps": "steps", "final_val_accuracy": "final val acc",
+    "best_val_accuracy": "best val acc", "time_to_target_s": "time to target (s)",
+    "step_at_target": "step at target", "total_wire_bytes": "bytes on wire", "total_dense_bytes": "bytes dense",
+    "compression_ratio": "dense / wire", "mean_step_time_s": "mean step (s)", "comm_time_share": "comm share",
+    "samples_per_s": "samples / s",
+}
+
+
+def _si_bytes(value: float) -> str:
+    units, k = ("B", "kB", "MB", "GB", "TB"), 0
+    while abs(value) >= 1000 and k < len(units) - 1:
+        value, k = value / 1000, k + 1
+    return f"{value:.4g} {units[k]}"
+
+
+def html_table(table: pd.DataFrame) -> str:
+    """The table for the HTML report, narrow enough for the page: short wrapping headers, bytes
+    in kB/MB/GB, and the target accuracy (one value for all runs) in the caption."""
+    shown = table.drop(columns="target_accuracy").rename(columns=HTML_HEADERS)
+    for column in ("bytes on wire", "bytes dense"):
+        shown[column] = shown[column].map(_si_bytes)
+    targets = table["target_accuracy"].dropna().unique()
+    caption = (f"time and step at target: first evaluation with validation accuracy ≥ {targets[0]:.4g}"
+               if len(targets) == 1 else "no evaluations logged: no target accuracy")
+    body = shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", classes="summary")
+    return body.replace("<thead>", f"<caption>{html.escape(caption)}</caption>\n  <thead>", 1)
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> Path:

@@ -134,7 +134,7 @@ def _codec_bench():
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from benchmarks import codec as bench
-    from tests.helpers import heavy_tailed_grads
+    from hpctrain.compression.synthetic import heavy_tailed_grads
     return bench, heavy_tailed_grads
 
 

@@ -133,7 +133,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError for damaged files
         raise UserError(f"checkpoint {str(path)!r} is truncated or corrupt ({type(exc).__name__}); "
-                        "delete it to resume from the previous checkpoint") from None
+                        "--resume=latest or --resume=auto falls back to the previous intact checkpoint") from None
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
         found = state.get("schema_version") if isinstance(state, dict) else None
         raise UserError(f"checkpoint {str(path)!r} has schema version {found}, expected {SCHEMA_VERSION}; "

@@ -27,7 +27,7 @@ from torch import nn
 
 from hpctrain import comm
 from hpctrain.compression.base import Compressor, ParamState
-from hpctrain.compression.policy import DENSE, Policy, as_policy
+from hpctrain.compression.policy import Policy, as_policy
 from hpctrain.errors import UserError
 
 
@@ -100,7 +100,7 @@ def _exchange_bucket(state: HookState, buffer: torch.Tensor, params: list[torch.
                      grads: list[torch.Tensor]) -> torch.Tensor:
     """On the comm thread: drive every parameter's exchange to completion, round by round, and
     write the averaged gradients into the bucket's buffer."""
-    c, warmup = state.comm, state.policy.warmup_steps
+    c = state.comm
     averaged: list[torch.Tensor | None] = [None] * len(params)
     active = []                        # [index, exchange, request] for the compressed parameters
     bypass = []                        # indices riding the first round's fused allreduce
@@ -109,8 +109,7 @@ def _exchange_bucket(state: HookState, buffer: torch.Tensor, params: list[torch.
         if compressor is None:
             bypass.append(i)
             continue
-        if state.params[p].steps < warmup:
-            compressor = DENSE
+        compressor = state.policy.compressor_now(compressor, state.params[p])
         exchange = compressor.exchange(grads[i], state.params[p])
         active.append([i, exchange, next(exchange)])
     first = True

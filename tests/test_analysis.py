@@ -6,6 +6,7 @@ import argparse
 import base64
 import csv
 import io
+import json
 import math
 import shutil
 import subprocess
@@ -20,10 +21,12 @@ import pytest
 
 from analysis import load, report
 from analysis.load import load_log, load_logs
-from analysis.plots import PLOTS, layer_table, write_plots
-from analysis.summary import default_target, summary_table
+from analysis.plots import PLOTS, layer_table, plot_bytes_per_layer, plot_loss_and_accuracy, write_plots
+from analysis.summary import SUMMARY_COLUMNS, default_target, summary_table
 from hpctrain.errors import UserError
+from hpctrain.h5log import StepLog
 from helpers import REPO, run_cli
+from tests.chromium import chromium, run_page  # noqa: F401  (chromium is a fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DIGITS = ["train", "--config", REPO / "configs" / "digits.toml", "--set", "train.epochs=2",
@@ -193,7 +196,7 @@ def test_report_cli_writes_html_csv_and_prints_the_table(logs, tmp_path):
     assert len(images) == len(PLOTS)
     for (name, _), image in zip(PLOTS.items(), images):
         assert base64.b64decode(image.split("'", 1)[0]) == (out / f"{name}.png").read_bytes()
-    assert "<table" in page and "time_to_target_s" in page and "src='http" not in page
+    assert "<table" in page and "time to target (s)" in page and "src='http" not in page
 
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -202,9 +205,71 @@ def test_report_cli_writes_html_csv_and_prints_the_table(logs, tmp_path):
         assert_row_matches(row, expected_summary(path, 0.3))
 
 
+def synthetic_log(path: Path, name: str, warmup_steps: int, steps: int = 200) -> Path:
+    """A log written through StepLog without training: dense per-layer records during the warm-up,
+    4x compressed after it; steps alternately fast and slow, so step and wall time differ."""
+    config = {"run": {"name": name}, "compression": {"name": "topk", "warmup_steps": warmup_steps}}
+    with StepLog(path, {"world_size": 4, "config": json.dumps(config)}) as log:
+        for s in range(1, steps + 1):
+            wire = 4_000_000_000 if s <= warmup_steps else 1_000_000_000
+            log.append("steps", dict(step=s, epoch=s // 50, loss=1.0 / s, lr=0.1, global_batch=64, samples_seen=64 * s,
+                                     step_time_s=0.01 if s < steps // 2 else 0.2, comm_time_s=0.002,
+                                     wire_bytes=wire, dense_bytes=4_000_000_000))
+            if s % 5 == 0 or s == 1:
+                log.append_many("layers", [dict(step=s, name=n, compressor="topk", dense_bytes=40,
+                                                wire_bytes=40 if s <= warmup_steps else 10, ratio=4.0)
+                                           for n in ("a.weight", "a.bias")])
+            if s % 50 == 0:
+                log.append("evals", dict(step=s, epoch=s // 50, val_loss=1.0 / s, val_accuracy=s / steps,
+                                         wall_time_s=float(s)))
+    return path
+
+
+def test_per_layer_ratio_leaves_out_the_dense_warmup(tmp_path):
+    log = load_log(synthetic_log(tmp_path / "w" / "log.h5", "warm", warmup_steps=30))
+    table = layer_table(log)
+    assert table["ratio"].tolist() == [4.0, 4.0] and table["wire_bytes"].tolist() == [10, 10]
+    assert (log.layers["ratio"] == 4.0).all() and (log.layers["wire_bytes"] == 40).any()   # the log has both
+    warm_only = load_log(synthetic_log(tmp_path / "v" / "log.h5", "all-warm", warmup_steps=500, steps=60))
+    assert len(layer_table(warm_only)) == 0
+    assert any("dense warm-up" in t.get_text() for t in plot_bytes_per_layer([warm_only]).texts)
+
+
+def test_loss_vs_time_is_one_figure_with_loss_vs_step():
+    loss_plots = [name for name in PLOTS if "loss" in name]
+    assert loss_plots == ["loss_accuracy"]
+    assert PLOTS["loss_accuracy"][1] is plot_loss_and_accuracy
+
+
+def test_loss_figure_has_a_step_row_and_a_wall_time_row(tmp_path):
+    log = load_log(synthetic_log(tmp_path / "w" / "log.h5", "warm", warmup_steps=0))
+    axes = plot_loss_and_accuracy([log]).axes
+    assert [ax.get_xlabel() for ax in axes] == ["step", "step", "wall time (s)", "wall time (s)"]
+    step_line, time_line = axes[0].lines[0], axes[2].lines[0]
+    np.testing.assert_array_equal(step_line.get_xdata(), log.steps["step"])
+    np.testing.assert_allclose(time_line.get_xdata(), log.step_wall_time())
+
+
+def test_summary_table_fits_the_report_page(chromium, tmp_path):  # noqa: F811
+    long_name = "a-run-name-long-enough-to-need-wrapping-" * 3
+    logs = [load_log(synthetic_log(tmp_path / n / "log.h5", n, warmup_steps=20))
+            for n in (long_name, "short")]
+    written = report.write_report(logs, tmp_path / "report")
+    script = ("var t = document.querySelector('table.summary'), d = document.documentElement;"
+              "window.testResult(JSON.stringify({table: t.getBoundingClientRect().right, page: d.clientWidth,"
+              " scroll: d.scrollWidth, columns: t.rows[0].cells.length}));")
+    for width in (1024, 1400):
+        got = json.loads(run_page(chromium, written["report.html"], script, width=width))
+        assert got["columns"] == len(SUMMARY_COLUMNS) - 1          # target_accuracy is in the caption
+        assert got["table"] <= got["page"] and got["scroll"] <= got["page"], (width, got)
+
+
 def test_scores_mode_needs_exactly_one_directory():
     with pytest.raises(UserError, match="scores DATA_DIR"):
         report._report(argparse.Namespace(paths=["scores"], out=None, target_accuracy=None))
+    with pytest.raises(UserError, match="score page's selection: `hpctrain report scores DATA_DIR"):
+        report._report(argparse.Namespace(paths=["log.h5"], out=None, target_accuracy=None, keep_fraction=0.5,
+                                          keep=None))
 
 
 # -- a log being written, and logs this version cannot read --------------------------------

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 
 from hpctrain import checkpoint
 from hpctrain.errors import UserError
-from hpctrain.h5log import DamagedLog, read_log
+from hpctrain.h5log import read_log
 from hpctrain.preempt import REQUEUE_EXIT_CODE
 from hpctrain.rundir import LOCK_NAME
 from tests.helpers import HPCTRAIN, MPIRUN, REPO, TORCHRUN, _env, run_cli

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from hpctrain.compression import registry
-from hpctrain.compression.base import Compressor
+from hpctrain.compression.base import Compressor, ParamState
 from hpctrain.compression.dense import NoCompression
 
 if TYPE_CHECKING:
@@ -55,6 +55,11 @@ class Policy:
         if self.bypass_reason(name, param) is not None:
             return None
         return self.choose(name) or DENSE
+
+    def compressor_now(self, compressor: Compressor, state: ParamState) -> Compressor:
+        """What this parameter's exchange uses this step: `compressor`, or DENSE while it is in the
+        warm-up (its first `warmup_steps` exchanges, counted by `state.steps`)."""
+        return DENSE if state.steps < self.warmup_steps else compressor
 
 
 DENSE = NoCompression()

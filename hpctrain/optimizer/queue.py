@@ -1,0 +1,107 @@
+"""The exchange queue: compressed gradients leave in one fixed order, round by round, on every rank.
+
+torch.distributed matches collectives by the order ranks start them, and backward's hooks may
+fire in a different order on different ranks. So exchanges start in a fixed launch order
+(backward's usual one: construction order reversed), whatever order gradients become ready in: a
+ready gradient waits until every one before it has started. A started exchange sits in the queue
+(in launch order) with its round's collectives in flight. `collect` takes in the rounds that have
+completed without waiting; only `advance` — from the queue's head — waits, and launches the next
+round of a multi-round exchange (to the back of the queue), so every rank launches next rounds in
+the same order whatever its timing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hpctrain.comm.base import Communicator, Work
+from hpctrain.compression.base import Collective
+from hpctrain.optimizer.reduction import Reduction
+from hpctrain.optimizer.rounds import Rounds
+
+
+@dataclass
+class _InFlight:
+    """One gradient's exchange in the queue: its rounds, the current round's request and handles."""
+    param: torch.Tensor
+    rounds: Rounds
+    request: Collective
+    works: list[Work]          # empty while the next round waits for its turn to launch
+    round: int = 0
+
+
+class ExchangeQueue:
+    def __init__(self, order: list[torch.Tensor], names: dict[torch.Tensor, str], communicator: Communicator,
+                 reduction: Reduction, start: Callable[[torch.Tensor, torch.Tensor], Rounds],
+                 finish: Callable[[torch.Tensor, torch.Tensor], None],
+                 count_wire: Callable[[torch.Tensor, int], None]):
+        self.order = order            # the launch order, the same on every rank
+        self._names = names
+        self._comm = communicator
+        self._group_kw = reduction.group_kw
+        self._start = start           # (param, gradient) → its rounds
+        self._finish = finish         # (param, averaged gradient): store it
+        self._count_wire = count_wire
+        self._launched = 0                                       # how many of `order` have started this step
+        self._ready: dict[torch.Tensor, torch.Tensor] = {}       # checked gradients awaiting their turn
+        self._inflight: dict[torch.Tensor, _InFlight] = {}       # in launch order: the queue rounds advance in
+
+    @property
+    def busy(self) -> bool:
+        """Some exchange is still in flight."""
+        return bool(self._inflight)
+
+    def add(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """`grad` is ready to go: start the exchanges whose turn has come (a prefix of the launch order)."""
+        self._ready[p] = grad
+        while self._launched < len(self.order) and self.order[self._launched] in self._ready:
+            turn = self.order[self._launched]
+            self._launched += 1
+            rounds = self._start(turn, self._ready.pop(turn))
+            self._launch(_InFlight(turn, rounds, next(rounds), []))
+
+    def new_step(self) -> None:
+        """Every gradient of the step has been added: the next ones start the order again."""
+        self._launched = 0
+
+    def collect(self) -> list[torch.Tensor]:
+        """Take in the rounds that have completed, without waiting; returns the parameters whose
+        exchanges have just finished (their averaged gradients stored)."""
+        done = []
+        for item in list(self._inflight.values()):
+            if item.works and all(work.done() for work in item.works) and self._receive(item):
+                del self._inflight[item.param]
+                done.append(item.param)
+        return done
+
+    def advance(self) -> torch.Tensor | None:
+        """Wait for the head's round and take it in; returns its parameter if its exchange has
+        finished, else its next round is launched (to the back of the queue)."""
+        head = self._inflight.pop(next(iter(self._inflight)))
+        if head.works and self._receive(head):
+            return head.param
+        self._launch(head)
+        return None
+
+    def _launch(self, item: _InFlight) -> None:
+        name = self._names[item.param]
+        launch = self._comm.allgather_async if item.request.kind == "allgather" else self._comm.allreduce_async
+        payloads = [self._comm.sendable(t) for t in item.request.payloads]
+        item.works = [launch(t, name=f"{name}.{item.round}.{i}", **self._group_kw) for i, t in enumerate(payloads)]
+        self._count_wire(item.param, sum(t.numel() * t.element_size() for t in payloads))
+        self._inflight[item.param] = item          # to the back of the queue
+
+    def _receive(self, item: _InFlight) -> bool:
+        """Send a completed round's results into the rounds; True when they have finished (the
+        averaged gradient stored), else the next round waits in `item.request` to be launched."""
+        received = [work.wait().to(sent.dtype) for work, sent in zip(item.works, item.request.payloads)]
+        item.works = []
+        try:
+            item.request = item.rounds.send(received)
+        except StopIteration as finished:
+            self._finish(item.param, finished.value)
+            return True
+        item.round += 1
+        return False
