@@ -203,6 +203,8 @@ def check_log(path: str | Path, timeout: float | None = None) -> None:
             return
     except OSError as exc:
         text = str(exc)
+        if "file signature not found" in text:
+            raise DamagedLog(f"log {str(path)!r} cannot be read as HDF5 ({text}); is it a hpctrain log?") from None
         if "already open for write" not in text:
             raise _damaged(path, text.replace("Unable to synchronously open file ", "").strip("()")[:200]) from None
     why = _probe(path, PROBE_TIMEOUT_S if timeout is None else timeout)

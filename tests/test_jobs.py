@@ -378,3 +378,33 @@ def test_slurm_step_ends_when_one_rank_fails(slurm, tmp_path):
     start = time.monotonic()
     state = slurm.wait_job(jobs.parse_job_id("slurm", proc.stdout), timeout=90)
     assert state == "FAILED" and time.monotonic() - start < 60, (state, (tmp_path / "out").read_text())
+
+
+def test_slurm_walltime_signal_checkpoints_and_requeues(slurm, tmp_path, monkeypatch, capsys):
+    """A job past its time limit: Slurm sends SIGUSR1 (--signal=USR1@30 on a one-minute job), every rank
+    checkpoints the step in flight and exits 75, the script requeues the job (same id), and the
+    requeued job resumes from that checkpoint."""
+    from hpctrain import checkpoint
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    monkeypatch.setenv("HPCTRAIN_BACKEND", "auto")
+    args = parse("--site", "local", "--out-dir", str(tmp_path), "--walltime", "0:01", "--set", "train.epochs=100000",
+                 "--set", "train.progress=false", "--set", "checkpoint.every_epochs=0", action="submit")
+    assert args.func(args) == 0
+    job_id = capsys.readouterr().out.strip()
+    run_dir = tmp_path / "digits"
+    assert "#SBATCH --signal=USR1@30" in (run_dir / jobs.SCRIPT_NAME).read_text()
+    deadline = time.monotonic() + 240
+    out = ""
+    while time.monotonic() < deadline:
+        out = "".join(p.read_text() for p in sorted(run_dir.glob(f"job-{job_id}.*")))
+        if out.count("hpctrain: engine ") >= 2 and "resuming from" in out:
+            break
+        time.sleep(2)
+    slurm.command("scancel", job_id)
+    assert "SIGUSR1 received: every rank stopped after step" in out, out
+    assert "requeueing job" in out and "resuming from" in out, out
+    stopped = int(re.search(r"stopped after step (\d+)", out)[1])
+    assert f"step-{stopped:09d}.pt" in out                      # resumed from the step in flight
+    assert checkpoint.list_checkpoints(run_dir)

@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict
 from typing import Any, Sequence
 
+from hpctrain.batch.grad_norms import GradNormObserver
 from hpctrain.batch.orchestrator import BatchDecision, BatchOrchestrator, BatchStats
 from hpctrain.errors import UserError
 
@@ -80,6 +81,7 @@ class AdaptiveBatch:
         self.epochs = 0
         self.optimizer: Any = None
         self._group_lrs: list[float] = []
+        self._norms = GradNormObserver()          # attached to the optimizer when the policy needs norms
         self._fresh_hook = False
         if optimizer is not None:
             self._attach(optimizer)
@@ -124,24 +126,19 @@ class AdaptiveBatch:
                           for t in tensors)))
 
     # -- collective calls ----------------------------------------------------------------
-    def step(self, loss: Any, optimizer: Any = None, samples: int | None = None,
-             stats: Any = None) -> BatchDecision | None:
+    def step(self, loss: Any, optimizer: Any = None, samples: int | None = None) -> BatchDecision | None:
         """Call on every rank after each optimizer step. `loss`: the step's training loss (rank 0's
-        decides); `samples`: this rank's samples in the step (default: its share of the global batch);
-        `stats`: the optimizer's `new_step_stats()` if the loop took them before this call."""
+        decides); `samples`: this rank's samples in the step (default: its share of the global batch)."""
         if optimizer is not None and optimizer is not self.optimizer:
             self._attach(optimizer, during_step=True)
         self.steps += 1
         local = int(samples) if samples is not None else self.global_batch // self.orchestrator.world_size
-        source = stats if stats is not None else getattr(self.optimizer, "stats", None)
-        local_sq = float(getattr(source, "local_sqnorm", math.nan))
-        global_sq = float(getattr(source, "global_sqnorm", math.nan))
+        local_sq, global_sq = self._norms.take()
         decision = None
         if self.needs_grad_norms and not (math.isfinite(local_sq) and math.isfinite(global_sq)):
             if not self._fresh_hook:
                 raise UserError("AdaptiveBatch.step: the gns policy needs the optimizer's gradient norms; pass the "
-                                "hpctrain.DistributedOptimizer as optimizer= (fusion 'none' or 'backward'), and call "
-                                "step() before optimizer.new_step_stats() or give stats=")
+                                "hpctrain.DistributedOptimizer as optimizer= (fusion 'none' or 'backward')")
         else:
             value = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
             decision = self.orchestrator.after_step(self.steps, self.epochs, BatchStats(
@@ -164,11 +161,12 @@ class AdaptiveBatch:
         self.optimizer = optimizer
         self._group_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         if self.needs_grad_norms:
-            if not hasattr(optimizer, "measure_grad_norms"):
+            if not hasattr(optimizer, "register_gradient_observer"):
                 raise UserError("AdaptiveBatch: policy 'gns' needs an hpctrain.DistributedOptimizer (it measures "
                                 f"the local and averaged gradient norms); got {type(optimizer).__name__}")
-            self._fresh_hook = during_step and not optimizer.measure_grad_norms
-            optimizer.measure_grad_norms = True
+            self._norms.detach()
+            self._norms = GradNormObserver.attach(optimizer)
+            self._fresh_hook = during_step
         self._set_lr()
 
     def _set_lr(self) -> None:

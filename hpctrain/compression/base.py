@@ -43,7 +43,8 @@ class Collective:
         return sum(t.numel() * t.element_size() for t in self.payloads)
 
 
-Exchange = Generator[Collective, list[torch.Tensor], torch.Tensor]
+# The rounds of one gradient's exchange: yields Collectives, receives their results, returns the average.
+Rounds = Generator[Collective, list[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Compressor:
     def decode(self, received: list[torch.Tensor], ctx: Any, state: ParamState) -> torch.Tensor:
         raise NotImplementedError
 
-    def exchange(self, grad: torch.Tensor, state: ParamState) -> Exchange:
+    def exchange(self, grad: torch.Tensor, state: ParamState) -> Rounds:
         payloads, ctx = self.encode(grad, state)
         received = yield Collective(self.kind, payloads)
         return self.decode(received, ctx, state)

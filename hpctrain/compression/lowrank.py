@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain.compression.base import Collective, Compressor, Exchange, ParamState, compensate, like_grad
+from hpctrain.compression.base import Collective, Compressor, ParamState, Rounds, compensate, like_grad
 from hpctrain.errors import UserError
 
 
@@ -59,7 +59,7 @@ class LowRank(Compressor):
         rows, cols = _as_matrix(shape)
         return self.rank * (rows + cols) < rows * cols
 
-    def exchange(self, grad: torch.Tensor, state: ParamState) -> Exchange:
+    def exchange(self, grad: torch.Tensor, state: ParamState) -> Rounds:
         matrix = compensate(grad, state).view(_as_matrix(grad.shape))
         memory = self.memory(state)
         q = memory.q if self.warm_start else None

@@ -13,7 +13,7 @@ import torch
 
 # The type of one gradient's rounds (the generator `Compressor.exchange` returns).
 from hpctrain.compression.base import Collective, Compressor, ParamState
-from hpctrain.compression.base import Exchange as Rounds
+from hpctrain.compression.base import Rounds
 from hpctrain.compression.policy import Policy
 from hpctrain.optimizer.reduction import Reduction
 
