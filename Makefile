@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 HPC     := .venv/bin/hpctrain
 NP      ?= 4
 ROOTOPT := $(if $(filter 0,$(shell id -u)),--allow-run-as-root,)
-MPIRUN  := mpirun $(ROOTOPT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1
+MPIRUN  := mpirun -q $(ROOTOPT) --oversubscribe --bind-to none -x OMP_NUM_THREADS=1
 PYTEST  ?= -q
 
 .PHONY: setup demo test bench gpu-check clean

@@ -13,7 +13,7 @@ import traceback
 from typing import Callable, Sequence
 
 from hpctrain import __version__
-from hpctrain.errors import PeerFailure, UserError
+from hpctrain.errors import AgreedError, PeerFailure, UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hpctrain.train", "train a model (launch under mpirun, srun, jsrun or horovodrun)"),
@@ -48,7 +48,7 @@ def _default_signals() -> None:
             pass
 
 
-def _agreed_exit(exc: "AgreedError") -> int:
+def _agreed_exit(exc: AgreedError) -> int:
     """An error every rank raised together: rank 0 says it (once), every rank exits without an abort."""
     import time
 
@@ -88,7 +88,7 @@ def run_guarded(func: Callable[[], int | None]) -> int:
 
     from hpctrain import comm
     from hpctrain.comm import launcher
-    from hpctrain.rundir import AgreedError, release_all
+    from hpctrain.rundir import release_all
 
     try:
         return func() or 0

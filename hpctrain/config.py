@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal

@@ -15,3 +15,12 @@ class PeerFailure(UserError):
 class InvalidArgument(UserError, ValueError):
     """A bad argument to a public function: also a ValueError, as Python code (and code written
     for Horovod, which raises ValueError) expects."""
+
+
+class AgreedError(UserError):
+    """Every rank raises this together (a broadcast decision): rank 0 prints it, all exit `code`."""
+
+    def __init__(self, message: str, code: int = 2, printed: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.printed = printed       # rank 0 said it already

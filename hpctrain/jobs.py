@@ -82,8 +82,6 @@ class Site:
     # Link figures for `hpctrain advise --site` (read by hpctrain/cost/links.py): inter_gbit,
     # intra_gbit, latency_us, intra_latency_us.
     links: dict[str, float] = field(default_factory=dict)
-    # Network links of the site (read by hpctrain.cost.links; not used for rendering).
-    links: dict[str, float] = field(default_factory=dict)
     name: str = ""
 
 

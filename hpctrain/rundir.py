@@ -9,7 +9,7 @@
 * `holds_run` / `move_aside`: a fresh run (no `--resume`) into a directory that holds a run
   (checkpoints or a log) refuses; `--overwrite` renames the old directory to
   `<name>.old-<UTC time>` next to it (nothing is deleted).
-* `AgreedError`: an error every rank raises together, because rank 0 broadcast the decision:
+* `AgreedError` (hpctrain.errors): an error every rank raises together, because rank 0 broadcast the decision:
   printed once (by rank 0), and every rank exits with it without aborting the launcher.
 """
 from __future__ import annotations
@@ -28,15 +28,6 @@ from hpctrain.errors import UserError
 
 LOCK_NAME = "run.lock"
 _HELD: list["RunLock"] = []       # released by the CLI before an abort ends the process
-
-
-class AgreedError(UserError):
-    """Every rank raises this together (a broadcast decision): rank 0 prints it, all exit `code`."""
-
-    def __init__(self, message: str, code: int = 2, printed: bool = False):
-        super().__init__(message)
-        self.code = code
-        self.printed = printed       # rank 0 said it already
 
 
 def job_id() -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import random
 import sys
 import time
@@ -31,15 +30,14 @@ from torch import nn
 from tqdm import tqdm
 
 from hpctrain import __version__, checkpoint, comm, preempt, rundir
-from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats
+from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats, GradNormObserver
 from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
 from hpctrain.config import Config, check_world_size, load_config
 from hpctrain.data import Dataset, filtering, load_splits
 from hpctrain.data.sampler import GlobalBatchSampler
-from hpctrain.errors import UserError
+from hpctrain.errors import AgreedError, UserError
 from hpctrain.h5log import StepLog
-from hpctrain.rundir import AgreedError
 from hpctrain.models import build_model
 from hpctrain.optimizer import DistributedOptimizer
 
@@ -180,7 +178,7 @@ class Trainer:
         self.sampler = GlobalBatchSampler(self.train_positions, cfg.run.seed, self.rank, self.world)
         self.progress = Progress(global_batch=cfg.batch.initial)
         self.batch = BatchOrchestrator(cfg.batch, cfg.train.lr, self.world, cfg.train.backward_passes_per_step)
-        self.optimizer.measure_grad_norms = self.batch.needs_grad_norms
+        self.grad_norms = GradNormObserver.attach(self.optimizer) if self.batch.needs_grad_norms else GradNormObserver()
         self.loss_fn = nn.CrossEntropyLoss()
         self.log: StepLog | None = None
         self.log_rows: dict[str, int] | None = None    # log length at the checkpoint resumed from
@@ -424,7 +422,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 bar.update()
                 decision = self.batch.after_step(p.step, p.epoch, BatchStats(
-                    loss, len(local), len(local) * self.world, stats.local_sqnorm, stats.global_sqnorm))
+                    loss, len(local), len(local) * self.world, *self.grad_norms.take()))
                 if decision is not None:
                     self._apply_batch(decision)
                     bar.total = bar.n + self.sampler.steps_left(p.global_batch)

@@ -3,7 +3,6 @@ on a real short run's log."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,7 @@ def test_predict_terms_and_winner() -> None:
     layers = [Layer(f"l{i}.weight", (1024, 1024)) for i in range(8)]
     methods = [Method("dense"), Method("adacomp", build("adacomp", None), default_ratio=250)]
     slow = predict(methods, layers, compute_s=0.01, ranks=8, network=Network(Link.parse("1gbit")), overlap=0.0)
-    d, a = slow.get("dense"), slow.get("adacomp")
+    d = slow.get("dense")
     assert d.step_s == pytest.approx(d.compute_s + d.latency_s + d.bandwidth_s)
     assert slow.winner.method == "adacomp" and "adacomp" in slow.reason
     fast = predict(methods, layers, compute_s=1.0, ranks=8, network=Network(Link.parse("200gbit")))

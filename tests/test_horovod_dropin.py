@@ -101,6 +101,6 @@ def test_invalid_argument_is_also_a_user_error():
 
 def test_horovod_constants_are_the_ints_hpctrain_maps():
     hvd = pytest.importorskip("horovod.torch")
-    from hpctrain.optimizer import _HOROVOD_OPS
+    from hpctrain.optimizer.reduction import _HOROVOD_OPS
 
     assert (_HOROVOD_OPS[hvd.Average], _HOROVOD_OPS[hvd.Sum], _HOROVOD_OPS[hvd.Adasum]) == ("average", "sum", "adasum")

@@ -1,7 +1,6 @@
 """End-to-end training through the CLI: real processes, real mpirun, real HDF5 logs and checkpoints."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time

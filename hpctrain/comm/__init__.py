@@ -14,7 +14,7 @@ import importlib.util
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hpctrain.comm import launcher
 from hpctrain.comm.base import Communicator, Work

@@ -9,6 +9,9 @@ Object and scalar collectives block.
 The gradient collectives take an optional `group`: a subset of the ranks (a Horovod
 `ProcessSet` on the Horovod engine, a `torch.distributed` process group on the torch engine);
 None is every rank. Only the members of the group call them; `group_ranks` lists the members.
+`new_group` creates a group (every rank calls it, members or not), `broadcast_async` sends one
+rank's tensor to a group, and `node_groups` holds the groups of the hierarchical exchange
+(`hpctrain.comm.nodes`), created once per communicator.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 if TYPE_CHECKING:        # torch is imported lazily: `hpctrain jobs` must start fast
     import torch
+
+    from hpctrain.comm.nodes import NodeGroups
 
 
 class Work(Protocol):
@@ -51,6 +56,32 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> Work:
         """Concatenate along dim 0 in rank order; ranks may contribute different lengths."""
+
+    def broadcast_async(self, tensor: torch.Tensor, root: int, name: str, group: Any = None) -> Work:
+        """The tensor of global rank `root` (a member of `group`), on every member; `tensor` is
+        this rank's buffer of the same shape and dtype (left as it is)."""
+        raise NotImplementedError(f"the {self.engine} engine has no asynchronous broadcast")
+
+    def new_group(self, ranks: list[int]) -> Any:
+        """A new group of these global ranks, for the `group=` of the collectives. Every rank must
+        call it, in the same order, member or not; on a non-member the result is not to be used."""
+        raise NotImplementedError(f"the {self.engine} engine cannot create process groups")
+
+    def node_groups(self) -> NodeGroups | None:
+        """The node layout and the groups of a hierarchical exchange, created on first call
+        (a collective: every rank must call it at the same point); None when the ranks do not
+        form several nodes of several ranks each (see `hpctrain.comm.nodes`)."""
+        if not hasattr(self, "_node_groups"):
+            from hpctrain.comm.nodes import build_node_groups
+            self._node_groups = build_node_groups(self)
+        return self._node_groups
+
+    def simulate_nodes(self) -> None:
+        """Apply HPCTRAIN_RANKS_PER_NODE (testing on one machine) to `local_rank` / `local_size`."""
+        from hpctrain.comm.nodes import simulated_local
+        local = simulated_local(self.rank, self.size)
+        if local is not None:
+            self.local_rank, self.local_size = local
 
     @abc.abstractmethod
     def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:

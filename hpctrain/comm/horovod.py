@@ -1,7 +1,9 @@
 """The Horovod engine: the only module that imports horovod.
 
 Horovod runs collectives on its own background thread, matched across ranks by name, and
-fuses small ones (HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME).
+fuses small ones (HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME). Process sets can be added
+after init (HOROVOD_DYNAMIC_PROCESS_SETS=1, set here unless the job exported it): the
+hierarchical exchange creates its node and leader sets when an optimizer asks for them.
 """
 from __future__ import annotations
 
@@ -30,11 +32,13 @@ class HorovodCommunicator(Communicator):
     def __init__(self) -> None:
         import horovod.torch as hvd
 
+        os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
         hvd.init()
         self.hvd = hvd
         self.backend = "mpi" if hvd.mpi_enabled() else "gloo"
         self.rank, self.size = hvd.rank(), hvd.size()
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.simulate_nodes()
 
     def _op(self, average: bool) -> Any:
         return self.hvd.Average if average else self.hvd.Sum
@@ -73,6 +77,20 @@ class HorovodCommunicator(Communicator):
 
     def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> _Handle:
         return _Handle(self.hvd, self.hvd.allgather_async(tensor, name=name, process_set=self._set(group)))
+
+    def broadcast_async(self, tensor: torch.Tensor, root: int, name: str, group: Any = None) -> _Handle:
+        return _Handle(self.hvd, self.hvd.broadcast_async(tensor, root_rank=root, name=name,
+                                                          process_set=self._set(group)))
+
+    def new_group(self, ranks: list[int]) -> Any:
+        from hpctrain.errors import UserError
+
+        try:
+            return self.hvd.add_process_set(list(ranks))
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"Horovod cannot add the process set {ranks} ({exc}); hierarchical exchange needs "
+                            "HOROVOD_DYNAMIC_PROCESS_SETS=1 at hvd.init (set it in the job, or let hpctrain "
+                            "initialise Horovod)") from None
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
         handles = [self.hvd.broadcast_async_(t, root_rank=root, name=f"hpctrain.broadcast.{i}")

@@ -86,6 +86,7 @@ class TorchCommunicator(Communicator):
     def __init__(self, launch: Launch, torch_backend: str = "auto", timeout_s: float = 600.0, device: str = "auto"):
         self.rank, self.size = launch.rank, launch.size
         self.local_rank, self.local_size = launch.local_rank, launch.local_size
+        self.simulate_nodes()
         self.backend, self.note = choose_backend(torch_backend, launch.local_size, device)
         self.device = torch.device("cpu")
         if self.backend == "nccl":
@@ -186,6 +187,16 @@ class TorchCommunicator(Communicator):
 
     def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> _Future:
         return self.submit(self.allgather, tensor, group)
+
+    def broadcast_async(self, tensor: torch.Tensor, root: int, name: str, group: Any = None) -> _Future:
+        def broadcast() -> torch.Tensor:
+            wire = self._wire(tensor).clone()
+            td.broadcast(wire, src=root, group=group)      # src: a global rank
+            return wire.to(tensor.device)
+        return self.submit(broadcast)
+
+    def new_group(self, ranks: list[int]) -> Any:
+        return self._run(td.new_group, list(ranks))      # on the comm thread: after what is in flight
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], root: int = 0) -> None:
         def broadcast() -> None:

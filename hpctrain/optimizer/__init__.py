@@ -35,7 +35,6 @@ from __future__ import annotations
 from hpctrain.optimizer.distributed import DistributedOptimizer, broadcast_optimizer_state
 from hpctrain.optimizer.fusion import Fusion
 from hpctrain.optimizer.nonfinite import NonFiniteGradientError, squared_norm
-from hpctrain.optimizer.reduction import _HOROVOD_OPS
 from hpctrain.optimizer.sync import GradientObserver, StepStats
 
 __all__ = ["DistributedOptimizer", "Fusion", "GradientObserver", "NonFiniteGradientError", "StepStats",

@@ -80,7 +80,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._passes = {p: 0 for p in trainable}
         self._synchronized = False                    # this step's gradients are exchanged and stored
         self._skip_synchronize = False
-        self._legacy_norms: Any = None                # see measure_grad_norms
         self._hooks = [p.register_post_accumulate_grad_hook(_weak(self._on_grad)) for p in trainable]
         if self._fusion.forward_pre_hook:
             self._hooks.append(nn.modules.module.register_module_forward_pre_hook(_weak(self._before_forward)))
@@ -143,8 +142,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             params = list(self._sync.compressors)
             for observer in list(self._sync.observers.values()):
                 observer.after_exchange(params)
-            if self._legacy_norms is not None:
-                self.stats.local_sqnorm, self.stats.global_sqnorm = self._legacy_norms.take()
         self._synchronized = True
 
     @contextlib.contextmanager
@@ -170,23 +167,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         handle = RemovableHandle(self._sync.observers)
         self._sync.observers[handle.id] = observer
         return handle
-
-    @property
-    def measure_grad_norms(self) -> bool:
-        """Deprecated: fill `stats.local_sqnorm` / `stats.global_sqnorm` each step. Batch growth
-        measures them with `hpctrain.batch.grad_norms.GradNormObserver.attach(optimizer)`."""
-        return self._legacy_norms is not None
-
-    @measure_grad_norms.setter
-    def measure_grad_norms(self, on: bool) -> None:
-        if bool(on) == (self._legacy_norms is not None):
-            return
-        if on:
-            from hpctrain.batch.grad_norms import GradNormObserver   # batch/ owns the measurement
-            self._legacy_norms = GradNormObserver.attach(self)
-        else:
-            self._legacy_norms.detach()
-            self._legacy_norms = None
 
     # -- the update ------------------------------------------------------------------------
     def _synchronized_gradients(self) -> None:

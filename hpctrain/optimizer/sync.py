@@ -34,10 +34,6 @@ class StepStats:
     dense_bytes: int = 0
     comm_time_s: float = 0.0
     per_param: dict[str, tuple[int, int]] = field(default_factory=dict)   # name → (wire, dense)
-    # Filled only through the deprecated `optimizer.measure_grad_norms` switch; batch growth's
-    # `hpctrain.batch.grad_norms.GradNormObserver` measures them now.
-    local_sqnorm: float = float("nan")    # |g_local|² before compression (for the noise scale)
-    global_sqnorm: float = float("nan")   # |g_averaged|² after the exchange
 
 
 class GradientObserver(Protocol):
