@@ -640,7 +640,7 @@ def rank_worker(args: argparse.Namespace) -> int:
             check_world_size(cfg, comm.size())
             start = time.perf_counter()
             trainer = Trainer(cfg)
-            trainer.fit()
+            trainer.fit(overwrite=True)           # a rerun into the same --out moves the last one aside
             seconds = time.perf_counter() - start
             mine = {n: q.detach().cpu() for n, q in trainer.model.named_parameters()}
             everyone = comm.get().allgather_object(mine, name=f"gpu_check.{name}.{device}")

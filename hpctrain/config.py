@@ -135,6 +135,12 @@ class CompressionConfig:
     # Hyper-parameters per compressor, written as tables `[compression.adacomp]`, ...: each
     # compressor's dataclass fields are their schema (hpctrain/compression/<name>.py).
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Sparse (allgather) compressors on several nodes: reduce dense inside each node, allgather
+    # among one leader per node, broadcast back (docs/cost-model.md, "Hierarchical exchange").
+    hierarchical: bool = False
+    # The inter-node link `name = "auto"` decides for: a rate ("1gbit", "25gbit", "200gbit") or
+    # "auto" (a quick allreduce probe at the decision).
+    link: str = "auto"
 
 
 @dataclass

@@ -28,11 +28,15 @@ class Policy:
     (as DGC's warm-up and torch PowerSGD's `start_powerSGD_iter`): the first updates, which
     move the weights most, then see the exact gradient, and compression starts with an empty
     residual memory.
+    `hierarchical`: run the one-round allgather compressors (TopK, Threshold, AdaComp, SignSGD)
+    hierarchically on a multi-node layout — a dense mean inside each node, the compressor's
+    allgather among one leader per node, a broadcast back (`hpctrain.optimizer.hierarchical`).
     """
     default: Compressor | None = None
     rules: dict[str, Compressor | None] = field(default_factory=dict)
     min_numel: int = 1024
     warmup_steps: int = 0
+    hierarchical: bool = False
 
     def choose(self, name: str) -> Compressor | None:
         """The rule (or default) for this name, before the size and shape checks; None: dense."""
@@ -70,7 +74,7 @@ def policy_from_config(cfg: CompressionConfig) -> Policy:
     small-tensor bypass, dense warm-up."""
     built = {name: registry.build(name, cfg.options.get(name)) for name in {cfg.name, *cfg.rules.values()}}
     return Policy(default=built[cfg.name], rules={pattern: built[name] for pattern, name in cfg.rules.items()},
-                  min_numel=cfg.min_numel, warmup_steps=cfg.warmup_steps)
+                  min_numel=cfg.min_numel, warmup_steps=cfg.warmup_steps, hierarchical=cfg.hierarchical)
 
 
 def as_policy(compression: Compressor | Policy | None) -> Policy:

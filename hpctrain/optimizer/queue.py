@@ -8,6 +8,10 @@ ready gradient waits until every one before it has started. A started exchange s
 completed without waiting; only `advance` — from the queue's head — waits, and launches the next
 round of a multi-round exchange (to the back of the queue), so every rank launches next rounds in
 the same order whatever its timing.
+
+A round may run over a subset of the ranks (a `hierarchical.GroupCollective`: the node, the
+leaders): it names its group, and a rank that is not a member launches nothing and receives
+nothing, but still passes through the round, so launch orders stay the same everywhere.
 """
 from __future__ import annotations
 
@@ -20,6 +24,19 @@ from hpctrain.comm.base import Communicator, Work
 from hpctrain.compression.base import Collective
 from hpctrain.optimizer.reduction import Reduction
 from hpctrain.optimizer.rounds import Rounds
+
+
+class _Skipped:
+    """The `Work` of a round this rank is not a member of: done, with nothing to receive."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
+SKIPPED = _Skipped()
 
 
 @dataclass
@@ -36,14 +53,15 @@ class ExchangeQueue:
     def __init__(self, order: list[torch.Tensor], names: dict[torch.Tensor, str], communicator: Communicator,
                  reduction: Reduction, start: Callable[[torch.Tensor, torch.Tensor], Rounds],
                  finish: Callable[[torch.Tensor, torch.Tensor], None],
-                 count_wire: Callable[[torch.Tensor, int], None]):
+                 count_wire: Callable[[torch.Tensor, int, bool], None], spans_nodes: bool = False):
         self.order = order            # the launch order, the same on every rank
         self._names = names
         self._comm = communicator
         self._group_kw = reduction.group_kw
         self._start = start           # (param, gradient) → its rounds
         self._finish = finish         # (param, averaged gradient): store it
-        self._count_wire = count_wire
+        self._count_wire = count_wire           # (param, bytes, whether they cross the inter-node link)
+        self.spans_nodes = spans_nodes         # the optimizer's own collectives reach other nodes
         self._launched = 0                                       # how many of `order` have started this step
         self._ready: dict[torch.Tensor, torch.Tensor] = {}       # checked gradients awaiting their turn
         self._inflight: dict[torch.Tensor, _InFlight] = {}       # in launch order: the queue rounds advance in
@@ -86,11 +104,22 @@ class ExchangeQueue:
         return None
 
     def _launch(self, item: _InFlight) -> None:
-        name = self._names[item.param]
-        launch = self._comm.allgather_async if item.request.kind == "allgather" else self._comm.allreduce_async
-        payloads = [self._comm.sendable(t) for t in item.request.payloads]
-        item.works = [launch(t, name=f"{name}.{item.round}.{i}", **self._group_kw) for i, t in enumerate(payloads)]
-        self._count_wire(item.param, sum(t.numel() * t.element_size() for t in payloads))
+        name, request = self._names[item.param], item.request
+        group = getattr(request, "group", None)          # a GroupCollective's own group, else the optimizer's
+        kw = self._group_kw if group is None else {"group": group}
+        if not getattr(request, "member", True):
+            item.works = [SKIPPED]
+        else:
+            payloads = [self._comm.sendable(t) for t in request.payloads]
+            names = [f"{name}.{item.round}.{i}" for i in range(len(payloads))]
+            if request.kind == "broadcast":
+                item.works = [self._comm.broadcast_async(t, request.root, n, **kw) for t, n in zip(payloads, names)]
+            else:
+                launch = self._comm.allgather_async if request.kind == "allgather" else self._comm.allreduce_async
+                item.works = [launch(t, name=n, **kw) for t, n in zip(payloads, names)]
+            if request.kind != "broadcast" or request.root == self._comm.rank:      # receivers send nothing
+                crosses = getattr(request, "crosses_nodes", self.spans_nodes if group is None else False)
+                self._count_wire(item.param, sum(t.numel() * t.element_size() for t in payloads), crosses)
         self._inflight[item.param] = item          # to the back of the queue
 
     def _receive(self, item: _InFlight) -> bool:

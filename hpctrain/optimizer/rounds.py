@@ -5,7 +5,9 @@ communication, receives what all ranks contributed, and returns the averaged gra
 feedback inside). `gradient_rounds` wraps it for one parameter and step: dense during the policy's
 warm-up, the gradient prescaled by 1/gradient_predivide_factor, the average postscaled (op=Sum,
 predivide) and made sparse again if it came sparse and was sent dense. A sparse gradient that is
-not sent dense is allgathered (indices and values) instead, as Horovod does.
+not sent dense is allgathered (indices and values) instead, as Horovod does. With node groups
+(`Policy.hierarchical` on a multi-node layout) a one-round allgather compressor runs the
+hierarchical exchange of `hierarchical.py` instead of its flat allgather.
 """
 from __future__ import annotations
 
@@ -15,19 +17,25 @@ import torch
 from hpctrain.compression.base import Collective, Compressor, ParamState
 from hpctrain.compression.base import Rounds
 from hpctrain.compression.policy import Policy
+from hpctrain.comm.nodes import NodeGroups
+from hpctrain.optimizer import hierarchical
 from hpctrain.optimizer.reduction import Reduction
 
 
 def gradient_rounds(grad: torch.Tensor, compressor: Compressor, state: ParamState, policy: Policy,
-                    reduction: Reduction, sparse_dim: int | None) -> Rounds:
+                    reduction: Reduction, sparse_dim: int | None, nodes: NodeGroups | None = None) -> Rounds:
     """The rounds that turn this rank's `grad` into the reduced gradient (`sparse_dim`: the
-    parameter's gradients come sparse with this many sparse dimensions; None: they are dense)."""
+    parameter's gradients come sparse with this many sparse dimensions; None: they are dense;
+    `nodes`: run allgather compressors hierarchically over these groups)."""
     if grad.is_sparse:
         return sparse_rounds(grad, reduction)
     compressor = policy.compressor_now(compressor, state)
     if reduction.prescale != 1.0:
         grad = grad * reduction.prescale
-    rounds = compressor.exchange(grad, state)
+    if nodes is not None and hierarchical.applies(compressor):
+        rounds = hierarchical.hierarchical_rounds(grad, compressor, state, nodes)
+    else:
+        rounds = compressor.exchange(grad, state)
     if reduction.postscale == 1.0 and sparse_dim is None:
         return rounds
     return _finished(rounds, reduction.postscale, sparse_dim)

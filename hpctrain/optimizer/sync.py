@@ -32,6 +32,7 @@ class StepStats:
     """What the last optimizer step sent, for the step log (bytes are this rank's)."""
     wire_bytes: int = 0
     dense_bytes: int = 0
+    inter_bytes: int = 0      # of wire_bytes, those handed to collectives over the inter-node link
     comm_time_s: float = 0.0
     per_param: dict[str, tuple[int, int]] = field(default_factory=dict)   # name → (wire, dense)
 
@@ -70,9 +71,12 @@ class GradientSync:
         self.sparse_as_dense = sparse_as_dense
         self._sparse_dim: dict[torch.Tensor, int] = {}     # parameters whose gradients come sparse
         self._reduction = reduction
+        # node groups for the hierarchical exchange (a collective: every rank builds the optimizer)
+        self.nodes = communicator.node_groups() if policy.hierarchical and reduction.process_set is None else None
         # -- where gradients go: the queue (compressed), the bypass (small), and back via `place`
         self.queue = ExchangeQueue([p for p in reversed(params) if self.compressors[p] is not None], names,
-                                   communicator, reduction, self._rounds, self._store, self._count_wire)
+                                   communicator, reduction, self._rounds, self._store, self._count_wire,
+                                   spans_nodes=communicator.local_size < reduction.size)
         bypassed = [p for p in params if self.compressors[p] is None]
         self.bypass = Bypass(bypassed, f"{names[params[0]]}.bypass" if params else "bypass", communicator, reduction)
         self._place = place                    # the fusion mode's: into p.grad, or aside
@@ -129,16 +133,17 @@ class GradientSync:
         if not self.compressors:
             return
         for p, nbytes in self.bypass.launch(self.flags.to_send()):
-            self._count_wire(p, nbytes)
+            self._count_wire(p, nbytes, self.queue.spans_nodes)
         self._seen.clear()
         self.queue.new_step()
 
     def _rounds(self, p: torch.Tensor, grad: torch.Tensor) -> Rounds:
         return gradient_rounds(grad, self.compressors[p], self.states[p], self.policy, self._reduction,
-                               self._sparse_dim.get(p))
+                               self._sparse_dim.get(p), self.nodes)
 
-    def _count_wire(self, p: torch.Tensor, nbytes: int) -> None:
+    def _count_wire(self, p: torch.Tensor, nbytes: int, crosses_nodes: bool = False) -> None:
         self.stats.wire_bytes += nbytes
+        self.stats.inter_bytes += nbytes if crosses_nodes else 0
         wire, dense = self.stats.per_param.get(self.names[p], (0, p.numel() * 4))
         self.stats.per_param[self.names[p]] = (wire + nbytes, dense)
 
