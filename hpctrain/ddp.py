@@ -29,6 +29,7 @@ from hpctrain import comm
 from hpctrain.compression.base import Compressor, ParamState
 from hpctrain.compression.policy import Policy, as_policy
 from hpctrain.errors import UserError
+from hpctrain.optimizer.nonfinite import squared_norm
 
 
 class HookState:
@@ -99,44 +100,56 @@ class HookState:
 def _exchange_bucket(state: HookState, buffer: torch.Tensor, params: list[torch.Tensor],
                      grads: list[torch.Tensor]) -> torch.Tensor:
     """On the comm thread: drive every parameter's exchange to completion, round by round, and
-    write the averaged gradients into the bucket's buffer."""
+    write the averaged gradients into the bucket's buffer.
+
+    A non-finite gradient never enters a residual (its compressor gets zeros); a flag riding the
+    first round tells every rank, which then fills the bucket with Inf, so a GradScaler skips the
+    step on every rank as it would with plain DDP."""
     c = state.comm
     averaged: list[torch.Tensor | None] = [None] * len(params)
-    active = []                        # [index, exchange, request] for the compressed parameters
+    active = []                        # [index, rounds, request] for the compressed parameters
     bypass = []                        # indices riding the first round's fused allreduce
+    finite = [bool(torch.isfinite(squared_norm(g))) for g in grads]     # host syncs, on this thread only
     for i, p in enumerate(params):
         compressor = state.compressors[p]
         if compressor is None:
             bypass.append(i)
             continue
         compressor = state.policy.compressor_now(compressor, state.params[p])
-        exchange = compressor.exchange(grads[i], state.params[p])
-        active.append([i, exchange, next(exchange)])
+        grad = grads[i] if finite[i] or not compressor.error_feedback else torch.zeros_like(grads[i])
+        rounds = compressor.exchange(grad, state.params[p])
+        active.append([i, rounds, next(rounds)])
+    overflow = torch.tensor([0.0 if all(finite) else 1.0], device=buffer.device)
     first = True
     while active or first:
         fused = [t for _, _, request in active if request.kind == "allreduce" for t in request.payloads]
         fused += [grads[i] for i in bypass] if first else []
+        state.wire_bytes += sum(t.numel() * t.element_size() for t in fused)   # gradients (the flag is control)
+        fused += [overflow] if first else []
         reduced = iter(c.reduce(fused, average=True)) if fused else iter(())
-        state.wire_bytes += sum(t.numel() * t.element_size() for t in fused)
         still = []
         for item in active:
-            i, exchange, request = item
+            i, rounds, request = item
             if request.kind == "allreduce":
                 received = [next(reduced) for _ in request.payloads]
             else:
                 received = [c.allgather(t) for t in request.payloads]
                 state.wire_bytes += request.nbytes
             try:
-                item[2] = exchange.send(received)
+                item[2] = rounds.send(received)
                 still.append(item)
             except StopIteration as finished:
                 averaged[i] = finished.value
-        for i in bypass if first else []:
-            averaged[i] = next(reduced)
+        if first:
+            for i in bypass:
+                averaged[i] = next(reduced)
+            overflow = next(reduced)
         active, first = still, False
     for p, grad, result in zip(params, grads, averaged):
         grad.copy_(result.view_as(grad))
         state.params[p].steps += 1
+    if float(overflow) > 0:
+        buffer.fill_(float("inf"))
     state.dense_bytes += sum(g.numel() * 4 for g in grads)
     state.buckets += 1
     return buffer

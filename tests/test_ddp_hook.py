@@ -33,3 +33,7 @@ def test_state_dict_round_trip_restores_residuals(passed):
 
 def test_per_layer_rules_are_honoured(passed):
     assert any(line.startswith("ok rules: '*.bias' = None sent dense") for line in passed), passed
+
+
+def test_a_non_finite_gradient_reaches_every_rank_and_no_residual(passed):
+    assert any(line.startswith("ok non-finite: one rank's NaN gradient reaches every rank") for line in passed), passed

@@ -166,13 +166,13 @@ def hierarchical_allreduce(nbytes: float, ranks: int, network: Network) -> Cost:
 
 
 def hierarchical_allgatherv(kbytes: float, dense_bytes: float, ranks: int, network: Network) -> Cost:
-    """Dense reduce to a leader per node over the fast link, the leader's sparse allgather among
-    the nodes (fan-in N−1 instead of P−1), then a broadcast inside the node of whichever is
-    smaller: the decoded dense gradient or the N gathered payloads."""
+    """As `hpctrain.optimizer.hierarchical` runs it: a dense allreduce (mean) inside the node over
+    the fast link, the leader's sparse allgather among the nodes (fan-in N−1 instead of P−1),
+    then the leader's broadcast of the decoded dense gradient inside the node."""
     per_node, nodes = min(network.ranks_per_node, ranks), network.nodes(ranks)
     if nodes <= 1 or network.shared or per_node <= 1:
         return flat_allgatherv(kbytes, ranks, network)
-    up = reduce(dense_bytes, per_node, network.intra)
+    up = allreduce(dense_bytes, per_node, network.intra)
     between = _mark_inter(allgatherv(kbytes, nodes, network.inter), True)
-    down = broadcast(min(dense_bytes, nodes * kbytes), per_node, network.intra)
+    down = broadcast(dense_bytes, per_node, network.intra)
     return up + between + down

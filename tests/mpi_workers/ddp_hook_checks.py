@@ -186,6 +186,26 @@ def check_rules() -> None:
        "find_unused_parameters=True")
 
 
+def check_non_finite() -> None:
+    """Rank 1's fc1 gradient is NaN at one step: every rank sees Inf/NaN in its gradients (a
+    GradScaler would skip the step everywhere), and no residual takes the NaN in."""
+    policy = Policy(default=COMPRESSORS["adacomp"](), min_numel=MIN_NUMEL)
+    net, ddp, state = make_ddp(policy)
+    ddp_step(ddp, 0)
+    handle = net.fc1.weight.register_hook(lambda g: g * float("nan")) if td.get_rank() == 1 else None
+    got = ddp_step(ddp, 1)
+    assert not all(torch.isfinite(g).all() for g in got.values()), "the overflow did not reach this rank"
+    if handle is not None:
+        handle.remove()
+    residuals = {n: s["residual"] for n, s in state.state_dict().items() if s["residual"] is not None}
+    assert residuals and all(torch.isfinite(r).all() for r in residuals.values()), "a residual took the NaN in"
+    got = ddp_step(ddp, 2)
+    assert all(torch.isfinite(g).all() for g in got.values()), "the step after the overflow is not finite"
+    same_on_all_ranks(got, "after the overflow")
+    ok("non-finite: one rank's NaN gradient reaches every rank as Inf/NaN, residuals stay finite, "
+       "the next step is finite again")
+
+
 def main() -> None:
     td.init_process_group("gloo")
     comm.init(backend="torch")
@@ -195,6 +215,7 @@ def main() -> None:
             check_compressor(name)
     check_state_dict()
     check_rules()
+    check_non_finite()
 
 
 if __name__ == "__main__":
