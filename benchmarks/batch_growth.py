@@ -14,6 +14,13 @@ plateau and gns policies (≥ 1.5× fewer steps than fixed-32, validation accura
 of it, final batch ≥ 512).
 
     .venv/bin/python benchmarks/batch_growth.py [--np 4] [--epochs 10] [--gns-factor 1] [--only gns,fixed-32]
+
+`--task denoise` re-measures seed 003 on regression (configs/denoise.toml: denoising MNIST-1D
+signals with a small residual conv net, MSE loss), where batches stay small: fixed 16 and fixed 64
+against schedule / plateau / gns growing 16 -> 64, over `--seeds` seeds (mean and per seed of the
+final validation loss and PSNR). Target: within 2% of fixed-16's validation loss in >= 1.5x fewer steps.
+
+    .venv/bin/python benchmarks/batch_growth.py --task denoise --np 2 --epochs 6 --seeds 3
 """
 from __future__ import annotations
 
@@ -56,10 +63,36 @@ def runs(epochs: int, gns_factor: float) -> dict[str, dict[str, object]]:
     }
 
 
-def train(name: str, overrides: dict[str, object], out_dir: Path, ranks: int, epochs: int) -> dict[str, object]:
-    settings = {**BASE, "train.epochs": epochs, **overrides,
+# --task denoise: regression, batches 16..64 (seed 003's restoration setting)
+D_SMALL, D_LARGE = 16, 64
+D_BASE_LR = 0.002     # configs/denoise.toml's Adam LR at batch 16
+D_BASE = {"train.optimizer": '"adam"', "train.lr": D_BASE_LR, "checkpoint.every_epochs": 0, "train.progress": "false",
+          "log.layers_every": 0}
+D_ADAPTIVE = {"train.lr_schedule": '"constant"', "batch.initial": D_SMALL, "batch.max": D_LARGE,
+              "batch.lr_scaling": '"none"'}
+
+
+def denoise_runs(epochs: int, gns_factor: float) -> dict[str, dict[str, object]]:
+    """Fixed runs cosine-decayed (64 at the sqrt-scaled LR); schedule doubles at 25 % and 50 % of the
+    epochs, plateau on the validation loss (2 % patience 1), both constant LR without rescaling; gns as above."""
+    grow_at = sorted({max(1, round(epochs * f)) for f in (0.25, 0.5)})
+    return {
+        f"fixed-{D_SMALL}": {**FIXED, "batch.initial": D_SMALL},
+        f"fixed-{D_LARGE}": {**FIXED, "batch.initial": D_LARGE,
+                             "train.lr": scaled_lr(D_BASE_LR, D_LARGE, D_SMALL, "sqrt")},
+        "schedule": {**D_ADAPTIVE, "batch.policy": '"schedule"', "batch.at_epochs": grow_at},
+        "plateau": {**D_ADAPTIVE, "batch.policy": '"plateau"', "batch.plateau_metric": '"val_loss"',
+                    "batch.patience": 1, "batch.min_delta": 0.02},
+        "gns": {**D_ADAPTIVE, **FIXED, "batch.lr_scaling": '"sqrt"', "batch.policy": '"gns"',
+                "batch.decide_every": 50, "batch.gns_ema": 0.99, "batch.gns_factor": gns_factor},
+    }
+
+
+def train(name: str, overrides: dict[str, object], out_dir: Path, ranks: int, epochs: int,
+          config: str = "mnist1d.toml", base: dict[str, object] = BASE) -> dict[str, object]:
+    settings = {**base, "train.epochs": epochs, **overrides,
                 "run.out_dir": f'"{out_dir}"', "run.name": f'"{name}"'}
-    args = ["train", "--config", REPO / "configs" / "mnist1d.toml"]
+    args = ["train", "--config", REPO / "configs" / config]
     for key, value in settings.items():
         args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     start = time.perf_counter()
@@ -68,7 +101,55 @@ def train(name: str, overrides: dict[str, object], out_dir: Path, ranks: int, ep
     log = read_log(out_dir / name / "log.h5")
     return {"epochs": int(log["steps"]["epoch"][-1]) + 1, "steps": len(log["steps"]["step"]), "final_batch": int(log["steps"]["global_batch"][-1]),
             "growths": len(log["events"]["step"]), "val_accuracy": float(log["evals"]["val_accuracy"][-1]),
+            "val_loss": float(log["evals"]["val_loss"][-1]),
+            "val_psnr": float(log["evals"]["val_psnr"][-1]) if "val_psnr" in log["evals"] else float("nan"),
             "train_s": float(log["steps"]["step_time_s"].sum()), "wall_s": wall}
+
+
+def denoise_table(results: dict[str, list[dict[str, object]]]) -> str:
+    """Means over seeds (per seed after the slash-separated lists); Δ loss relative to fixed-16's mean."""
+    import statistics
+    mean = {name: {k: statistics.fmean(r[k] for r in rs) for k in ("steps", "val_loss", "val_psnr", "train_s", "wall_s")}
+            for name, rs in results.items()}
+    ref = mean.get(f"fixed-{D_SMALL}")
+    lines = ["| run | steps | fewer steps | final batch | val MSE (mean) | per seed | Δ loss | PSNR dB (mean) | per seed "
+             "| train s | wall s | target |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---|"]
+    for name, rs in results.items():
+        m = mean[name]
+        fewer = ref["steps"] / m["steps"] if ref else float("nan")
+        delta = (m["val_loss"] / ref["val_loss"] - 1) * 100 if ref else float("nan")
+        target = "-"
+        if ref and name != f"fixed-{D_SMALL}":
+            target = "met" if fewer >= 1.5 and delta <= 2.0 else "MISSED"
+        batches = "/".join(sorted({str(r["final_batch"]) for r in rs}))
+        losses = " / ".join(f"{r['val_loss']:.5f}" for r in rs)
+        psnrs = " / ".join(f"{r['val_psnr']:.2f}" for r in rs)
+        lines.append(f"| {name} | {m['steps']:.0f} | {fewer:.2f}× | {batches} | {m['val_loss']:.5f} | {losses} "
+                     f"| {delta:+.2f}% | {m['val_psnr']:.2f} | {psnrs} | {m['train_s']:.1f} | {m['wall_s']:.1f} | {target} |")
+    return "\n".join(lines)
+
+
+def main_denoise(args: argparse.Namespace) -> None:
+    selected = denoise_runs(args.epochs, args.gns_factor)
+    if args.only:
+        selected = {k: v for k, v in selected.items() if k in args.only.split(",")}
+    results: dict[str, list[dict[str, object]]] = {name: [] for name in selected}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = args.out_dir or Path(tmp)
+        for seed in range(args.seeds):
+            for name, overrides in selected.items():
+                r = train(f"{name}-s{seed}", {**overrides, "run.seed": seed}, out_dir, args.np, args.epochs,
+                          "denoise.toml", D_BASE)
+                results[name].append(r)
+                print(f"{name}, seed {seed}: steps {r['steps']}, final batch {r['final_batch']}, val_loss "
+                      f"{r['val_loss']:.5f}, PSNR {r['val_psnr']:.2f} dB, wall {r['wall_s']:.1f} s", flush=True)
+    print(f"\nDenoising MNIST-1D (configs/denoise.toml: residual conv denoiser, MSE), {args.np} ranks, {args.epochs} "
+          f"epochs, seeds 0..{args.seeds - 1}, Adam LR {D_BASE_LR} at batch {D_SMALL}: fixed runs cosine-decayed "
+          f"(sqrt-scaled at {D_LARGE}), schedule/plateau constant LR with lr_scaling = none, gns cosine-decayed with "
+          f"lr_scaling = sqrt and gns_factor {args.gns_factor:g}; target: within 2% of fixed-{D_SMALL}'s val MSE "
+          f"in >= 1.5x fewer steps\n")
+    print(denoise_table(results))
 
 
 def table(results: dict[str, dict[str, object]]) -> str:
@@ -89,6 +170,10 @@ def table(results: dict[str, dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["classify", "denoise"], default="classify",
+                        help="classify: MNIST-1D classification (batch 32..512); denoise: MNIST-1D denoising, "
+                             "regression (batch 16..64)")
+    parser.add_argument("--seeds", type=int, default=3, help="denoise: seeds 0..N-1 per run (default 3)")
     parser.add_argument("--np", type=int, default=4, help="ranks (default 4)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--gns-factor", type=float, default=1.0,
@@ -96,6 +181,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     args = parser.parse_args()
+    if args.task == "denoise":
+        return main_denoise(args)
     selected = runs(args.epochs, args.gns_factor)
     if args.only:
         selected = {k: v for k, v in selected.items() if k in args.only.split(",")}

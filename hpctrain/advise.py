@@ -280,6 +280,24 @@ def _advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def panel(log: Path, ranks: str = "4,64,1024,8192", link: str = "1gbit,25gbit,200gbit", ranks_per_node: int = 1,
+          overlap: float = DEFAULT_OVERLAP, measure_here: bool = False) -> str:
+    """The advice for `hpctrain report`: a Markdown section (heading, the CLI's tables in a fenced
+    block). By default codec times are modelled and missing ratios assumed (`--no-measure`), so
+    a report renders in well under a second; errors (no per-layer rows, ...) become its text."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(log), "--ranks", ranks, "--link", link, "--ranks-per-node", str(ranks_per_node),
+                              "--overlap", str(overlap), *([] if measure_here else ["--no-measure"])])
+    try:
+        profile, cfg, log_data = read_profile(args.log, args.skip_steps)
+        build_methods(cfg, log_data, profile, list(METHODS), measure_here, args.min_run_time, args.memory_gbs)
+        body = "\n".join(report(profile, networks(args), overlap))
+    except UserError as exc:
+        body = f"no advice: {exc}"
+    return f"## Does compression pay? (`hpctrain advise`)\n\n```\n{body}\n```\n"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("log", type=Path, help="log.h5 of a short run (`hpctrain train`)")
     parser.add_argument("--ranks", help="comma-separated world sizes (default 4,64,1024,8192; with --site: nodes × ranks per node)")

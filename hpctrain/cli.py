@@ -16,10 +16,10 @@ from hpctrain import __version__
 from hpctrain.errors import AgreedError, PeerFailure, UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("hpctrain.train", "train a model (launch under mpirun, srun, jsrun or horovodrun)"),
+    "train": ("hpctrain.commands.train", "train a model (launch under mpirun, srun, jsrun or horovodrun)"),
     "shard": ("hpctrain.data.shards", "write HDF5 shards from a dataset, or verify them"),
     "score": ("hpctrain.data.scoring", "compute per-sample importance scores of a shard directory"),
-    "report": ("analysis.report", "plots, tables and HTML pages from step logs or scores"),
+    "report": ("hpctrain.analysis.report", "plots, tables and HTML pages from step logs or scores"),
     "jobs": ("hpctrain.jobs", "render or submit LSF (jsrun) and Slurm (srun) job scripts"),
     "advise": ("hpctrain.advise", "predict per world size and link whether compression pays, from a run's log"),
 }

@@ -77,6 +77,19 @@ class TrainConfig:
     explode_floor: float = 0.01
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
+    # The loss: "cross_entropy" (classification: integer labels, logged val_accuracy), "mse" or "l1"
+    # (regression: float targets of any shape, logged val_psnr), or "package.module:function" called
+    # as function(output, target) -> mean loss (output reshaped to the target's shape for regression).
+    loss: str = "cross_entropy"
+    # What the targets are: "auto" follows the loss (cross_entropy: classification; mse, l1:
+    # regression; a custom loss: whatever the data holds, an integer 1-D y being class labels).
+    task: Literal["auto", "classification", "regression"] = "auto"
+    # Clip the global gradient norm (after the allreduce, before the update) to this; 0: off.
+    # Needs train.fusion = "none" (every gradient must be in before any parameter is updated).
+    max_grad_norm: float = 0.0
+    # Regression: PSNR = 10 log10(psnr_peak^2 / MSE) over the validation split; 0 takes the targets'
+    # range (max - min over every train and validation target, e.g. 1 for images in [0, 1]).
+    psnr_peak: float = 0.0
 
 
 @dataclass
@@ -221,8 +234,39 @@ def _validate(cfg: Config) -> None:
     if cfg.batch.policy == "gns" and cfg.train.fusion == "forward":
         raise UserError("config: batch.policy = 'gns' reads the averaged gradient at step(), which "
                         "train.fusion = 'forward' defers; use fusion 'none' or 'backward'")
+    _validate_train(cfg.train)
     if not cfg.run.name or "/" in cfg.run.name:
         raise UserError(f"config: run.name = {cfg.run.name!r} must be a non-empty name without '/'")
+
+
+BUILTIN_LOSSES = ("cross_entropy", "mse", "l1")
+
+
+def _validate_train(train: TrainConfig) -> None:
+    """[train] loss, task, max_grad_norm and psnr_peak."""
+    module, sep, function = train.loss.partition(":")
+    if train.loss not in BUILTIN_LOSSES and not (sep and module.strip() and function.strip()):
+        raise UserError(f"config: train.loss = {train.loss!r}: choose one of {', '.join(BUILTIN_LOSSES)} "
+                        "or give package.module:function")
+    if train.loss == "cross_entropy" and train.task == "regression" or \
+            train.loss in ("mse", "l1") and train.task == "classification":
+        raise UserError(f"config: train.loss = {train.loss!r} does not fit train.task = {train.task!r}; "
+                        "leave train.task at 'auto'")
+    if not 0 <= train.max_grad_norm < float("inf"):
+        raise UserError(f"config: train.max_grad_norm = {train.max_grad_norm} must be 0 (off) or positive")
+    if train.max_grad_norm and train.fusion != "none":
+        raise UserError(f"config: train.max_grad_norm clips the global gradient norm, which needs every gradient "
+                        f"before any parameter is updated; train.fusion = {train.fusion!r} updates early: "
+                        "set train.fusion = 'none' or train.max_grad_norm = 0")
+    if not 0 <= train.psnr_peak < float("inf"):
+        raise UserError(f"config: train.psnr_peak = {train.psnr_peak} must be 0 (the targets' range) or positive")
+
+
+def task_for(train: TrainConfig) -> str | None:
+    """The task the loss needs: "classification", "regression", or None (a custom loss: the data decides)."""
+    if train.task != "auto":
+        return train.task
+    return {"cross_entropy": "classification", "mse": "regression", "l1": "regression"}.get(train.loss)
 
 
 def _validate_compression(compression: CompressionConfig) -> None:

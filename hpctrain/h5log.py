@@ -3,7 +3,11 @@
 Layout (schema version `SCHEMA_VERSION`):
   /                 attrs: schema_version, config (JSON), world_size, hpctrain_version, started_at
   /steps/<column>   resizable 1-D datasets, one row per optimizer step (STEP_COLUMNS)
-  /evals/<column>   one row per evaluation (EVAL_COLUMNS)
+  /evals/<column>   one row per evaluation (EVAL_COLUMNS): val_loss (the run's loss), and the
+                    metric of the task, the other one NaN: val_accuracy (classification) or
+                    val_psnr (regression, dB). val_psnr is optional: logs written before it have
+                    no such column (readers report only what exists), and a writer that leaves it
+                    out of a row gets NaN (OPTIONAL_COLUMNS).
   /events/<column>  one row per batch-size decision (EVENT_COLUMNS; `reason` is a string)
   /layers/<column>  per-parameter stats every N steps (LAYER_COLUMNS; `name` is a string)
 
@@ -46,7 +50,7 @@ STEP_COLUMNS: dict[str, Any] = {
 }
 EVAL_COLUMNS: dict[str, Any] = {
     "step": np.int64, "epoch": np.int64, "val_loss": np.float64, "val_accuracy": np.float64,
-    "wall_time_s": np.float64,
+    "wall_time_s": np.float64, "val_psnr": np.float64,
 }
 EVENT_COLUMNS: dict[str, Any] = {
     "step": np.int64, "old_batch": np.int64, "new_batch": np.int64, "old_lr": np.float64,
@@ -57,6 +61,8 @@ LAYER_COLUMNS: dict[str, Any] = {
     "dense_bytes": np.int64, "ratio": np.float64,
 }
 GROUPS = {"steps": STEP_COLUMNS, "evals": EVAL_COLUMNS, "events": EVENT_COLUMNS, "layers": LAYER_COLUMNS}
+# Columns a row may leave out (their value then), and the value old logs' rows get on resume.
+OPTIONAL_COLUMNS: dict[str, dict[str, Any]] = {"evals": {"val_psnr": float("nan")}}
 
 
 class StepLog:
@@ -107,8 +113,10 @@ class StepLog:
                 if resume_rows is not None:
                     rows = {column: values[:resume_rows.get(group, 0)] for column, values in rows.items()}
                 g = f.create_group(group)
+                n = min((len(v) for v in rows.values()), default=0)
                 for column, dtype in columns.items():
-                    data = rows.get(column, np.empty(0))
+                    default = OPTIONAL_COLUMNS.get(group, {}).get(column)
+                    data = rows.get(column, np.full(n, default) if default is not None else np.empty(0))
                     g.create_dataset(column, data=np.asarray(data, dtype=dtype), maxshape=(None,),
                                      dtype=dtype, chunks=(1024,))
 
@@ -117,8 +125,9 @@ class StepLog:
         return {group: self._file[group]["step"].shape[0] for group in GROUPS}
 
     def append(self, group: str, row: Mapping[str, Any]) -> None:
-        """Append one row to `group`; every column of the group must be given. Flushed at once."""
-        missing = set(GROUPS[group]) - set(row)
+        """Append one row to `group`; every column of the group must be given, except OPTIONAL_COLUMNS
+        (then NaN). Flushed at once."""
+        missing = set(GROUPS[group]) - set(row) - set(OPTIONAL_COLUMNS.get(group, {}))
         if missing:
             raise ValueError(f"log row for {group!r} lacks {sorted(missing)}")
         self.append_many(group, [row])
@@ -126,6 +135,9 @@ class StepLog:
     def append_many(self, group: str, rows: list[Mapping[str, Any]]) -> None:
         if not rows:
             return
+        optional = OPTIONAL_COLUMNS.get(group)
+        if optional:
+            rows = [{**optional, **r} for r in rows]
         try:
             g = self._file[group]
             for column in GROUPS[group]:

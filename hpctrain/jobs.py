@@ -9,10 +9,15 @@ The templates (`jobs/lsf.sh.tmpl`, `jobs/slurm.sh.tmpl`, Jinja2) turn a site, a 
 a run config into a script; everything a scheduler would reject hours later in the queue
 (too many GPUs per node, a bad walltime, a missing account, a batch size the world size does
 not divide) is rejected here, in one line.
+
+The top-level `jobs/` directory of a checkout is the source of truth; a wheel ships its files as
+package data (`hpctrain/_jobs/`, mapped from `jobs/` in setup.cfg), so an installed hpctrain renders
+jobs too (`jobs_dir`).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import os
 import re
@@ -34,7 +39,20 @@ from hpctrain.errors import UserError
 from hpctrain.preempt import REQUEUE_EXIT_CODE
 from hpctrain.schema import build
 
-JOBS_DIR = Path(hpctrain.__file__).resolve().parents[1] / "jobs"
+TEMPLATES = ("lsf.sh.tmpl", "slurm.sh.tmpl")
+
+
+def jobs_dir() -> Path:
+    """The job templates and site profiles: those a wheel installs (`hpctrain/_jobs`, package data),
+    else the checkout's top-level `jobs/` (an editable install or a plain checkout, where
+    `hpctrain/_jobs` holds only its placeholder `__init__.py`)."""
+    packaged = importlib.resources.files(hpctrain) / "_jobs"
+    if all(packaged.joinpath(name).is_file() for name in TEMPLATES):
+        return Path(str(packaged))
+    return Path(hpctrain.__file__).resolve().parents[1] / "jobs"
+
+
+JOBS_DIR = jobs_dir()
 SITES_DIR = JOBS_DIR / "sites"
 # The site `--scheduler` alone stands for.
 REFERENCE_SITES = {"lsf": "summit", "slurm": "perlmutter"}
@@ -249,10 +267,19 @@ def job_environment(site: Site, cfg: Config, layout: Layout, engine: str) -> dic
     return {**env, **site.env}
 
 
-def default_hpctrain_command() -> list[str]:
-    """The `hpctrain` of this interpreter's environment, so the job runs the code that rendered it."""
-    script = Path(sys.executable).with_name("hpctrain")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "hpctrain.cli"]
+def hpctrain_command(python: str | None, work_dir: Path) -> list[str]:
+    """What the job runs: the `hpctrain` on the job's PATH (the site's `setup` lines, or the environment
+    the scheduler passes on from the submitting shell, provide it), or `PYTHON -m hpctrain` when
+    `--python` pins an interpreter (a path is made absolute, a bare name is looked up on the nodes)."""
+    if python is None:
+        return ["hpctrain"]
+    if "/" in python:
+        path = Path(os.path.abspath(work_dir / python))   # not resolved: a venv's python is a symlink
+        if not path.is_file():
+            raise UserError(f"--python {python}: no such file; give the interpreter of the environment "
+                            f"the job should run, e.g. --python \"$(command -v python)\"")
+        python = str(path)
+    return [python, "-m", "hpctrain"]
 
 
 def plan_job(args: argparse.Namespace, work_dir: Path, hpctrain_command: list[str]) -> Job:
@@ -376,18 +403,17 @@ def submit(script: Path, scheduler: str) -> str:
 
 
 def _render_command(args: argparse.Namespace) -> int:
-    job = plan_job(args, Path.cwd(), default_hpctrain_command())
-    text = render(job, args.templates)
-    job.run_dir.mkdir(parents=True, exist_ok=True)  # the scheduler writes its output files there
-    sys.stdout.write(text)
+    """Print the script; nothing is written (the job, or `submit`, makes the run directory)."""
+    job = plan_job(args, Path.cwd(), hpctrain_command(args.python, Path.cwd()))
+    sys.stdout.write(render(job, args.templates))
     return 0
 
 
 def _submit_command(args: argparse.Namespace) -> int:
-    job = plan_job(args, Path.cwd(), default_hpctrain_command())
+    job = plan_job(args, Path.cwd(), hpctrain_command(args.python, Path.cwd()))
     submit_program(job.site.scheduler)
     script = job.run_dir / SCRIPT_NAME
-    write_atomic(script, render(job, args.templates))
+    write_atomic(script, render(job, args.templates))   # makes the run directory, where the scheduler writes
     job_id = submit(script, job.site.scheduler)
     print(f"submitted {script} as job {job_id}; output in {job.run_dir}", file=sys.stderr)
     print(job_id)
@@ -414,13 +440,16 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", metavar="DIR", help="where run directories go (default run.out_dir, from the current directory)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override, passed on to `hpctrain train` (repeatable)")
+    parser.add_argument("--python", metavar="PATH", help="the job runs `PATH -m hpctrain` (default: the `hpctrain` "
+                        "on the job's PATH); e.g. --python \"$(command -v python)\" pins this environment's interpreter")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="action", required=True, metavar="{render,submit}")
     render_parser = commands.add_parser(
-        "render", help="print a job script", description="Print a job script for RUN.toml; "
-        "creates the run directory, where the scheduler writes the job's output.")
+        "render", help="print a job script", description="Print a job script for RUN.toml, and nothing else: "
+        "no file or directory is written. The scheduler writes the job's output into the run directory, "
+        "which must exist when the job starts: `hpctrain jobs submit` makes it, or mkdir -p it before sbatch/bsub.")
     _add_job_options(render_parser)
     render_parser.set_defaults(func=_render_command)
     submit_parser = commands.add_parser(

@@ -54,11 +54,40 @@ class MLP(nn.Module):
         return self.head(self.embed(x))
 
 
-BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"cnn1d": CNN1D, "mlp": MLP}
+class Denoiser(nn.Module):
+    """A small residual conv denoiser for restoration (regression): `depth` conv layers of `channels`
+    predict the noise, subtracted from the input, so the output has the input's shape. 1-D samples
+    (L,) use Conv1d, 2-D samples (H, W) Conv2d. `num_classes` is the number of outputs per sample
+    (what `hpctrain train` passes for regression): it must equal the input's size."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: int = 32, depth: int = 3,
+                 kernel: int = 5):
+        super().__init__()
+        size = 1
+        for d in input_shape:
+            size *= d
+        if num_classes != size or len(input_shape) not in (1, 2):
+            raise TypeError(f"denoiser maps a sample of shape {tuple(input_shape)} (1-D or 2-D) to one of the same "
+                            f"size, but the targets have {num_classes} values per sample")
+        conv = nn.Conv1d if len(input_shape) == 1 else nn.Conv2d
+        layers: list[nn.Module] = []
+        width = 1
+        for _ in range(depth - 1):
+            layers += [conv(width, channels, kernel, padding=kernel // 2), nn.ReLU()]
+            width = channels
+        layers.append(conv(width, 1, kernel, padding=kernel // 2))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.body(x.unsqueeze(1)).squeeze(1)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"cnn1d": CNN1D, "mlp": MLP, "denoiser": Denoiser}
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, args: dict[str, Any]) -> nn.Module:
-    """A built-in model by name, or `package.module:factory(input_shape=, num_classes=, **args)`."""
+    """A built-in model by name, or `package.module:factory(input_shape=, num_classes=, **args)`.
+    `num_classes` is the outputs per sample: classes, or a regression target's element count."""
     if name in BUILTIN_MODELS:
         factory = BUILTIN_MODELS[name]
     elif ":" in name:

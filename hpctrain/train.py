@@ -5,6 +5,13 @@ filtering) → GlobalBatchSampler (this rank's slice of the global batch) → mi
 device (gradient accumulation above `batch.max_local`) → loss → backward (the optimizer's hooks
 exchange gradients) → step → one row in the step log.
 
+Tasks (`train.loss`): cross_entropy trains a classifier on integer labels and evaluates
+validation loss and accuracy; mse and l1 regress float targets of any shape (the model's output
+is reshaped to the target's shape) and evaluate validation loss and PSNR = 10·log10(peak² / MSE),
+MSE per target element over the whole validation split, peak = `train.psnr_peak` or the targets'
+range (max − min over train and validation targets). A custom `package.module:function` is
+called as function(output, target) → mean loss; its task is `train.task` (auto: what the data holds).
+
 Reliability (docs/reliability.md): rank 0 locks the run directory and refuses a fresh run into
 one that holds a run (`--overwrite` moves it aside); a resume compares the checkpoint's config
 with the new one and falls back past a damaged newest checkpoint; SIGTERM/SIGUSR1/SIGINT ride
@@ -14,7 +21,6 @@ the diverged model is written.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import random
@@ -33,48 +39,40 @@ from hpctrain import __version__, checkpoint, comm, preempt, rundir
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats, GradNormObserver
 from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
-from hpctrain.config import Config, check_world_size, load_config
+from hpctrain.config import Config, task_for
 from hpctrain.data import Dataset, filtering, load_splits
 from hpctrain.data.sampler import GlobalBatchSampler
 from hpctrain.errors import AgreedError, UserError
 from hpctrain.h5log import StepLog
 from hpctrain.models import build_model
 from hpctrain.optimizer import DistributedOptimizer
+from hpctrain.commands.train import add_arguments, run  # noqa: F401  (moved there; tests/batch_probe.py)
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+LOSSES = {"cross_entropy": nn.functional.cross_entropy, "mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="run configuration (TOML); defaults apply where omitted")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (TOML syntax), e.g. --set train.lr=0.1")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT|latest|auto",
-                        help="continue from a checkpoint: a path, 'latest' in the run directory (the "
-                             "default when the flag is bare), or 'auto' (latest if any, else start fresh)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start a fresh run in a run directory that holds one: the old run is moved aside "
-                             "to RUN_DIR.old-<time> (nothing is deleted)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    stop = preempt.StopSignals().install()      # from the start: a signal during start-up stops at step 1
+def resolve_loss(name: str):
+    """`train.loss`: a built-in loss function, or `package.module:function` imported (on every rank)."""
+    if name in LOSSES:
+        return LOSSES[name]
+    import importlib
+    module_name, _, attr = name.partition(":")
     try:
-        cfg = load_config(args.config, args.set)      # every rank validates before any work starts
-    except UserError as exc:                          # the same on every rank: said once
-        raise AgreedError(str(exc)) from None
-    if args.resume is not None and args.overwrite:
-        raise AgreedError("--overwrite starts a fresh run and --resume continues one; give only one of them")
-    init_comm(cfg)
-    preempt.watch_launcher()
-    try:
-        check_world_size(cfg, comm.size())
-    except UserError as exc:
-        raise AgreedError(str(exc)) from None
-    try:
-        return Trainer(cfg, stop, resume=args.resume, overwrite=args.overwrite, prepare=True).fit()
-    finally:
-        stop.restore()      # from here a launcher's SIGTERM ends the process
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"train.loss = {name!r} cannot be loaded ({exc}); check the module is importable on every "
+                        f"rank (e.g. on PYTHONPATH) and defines {attr!r}") from None
+    if not callable(fn):
+        raise UserError(f"train.loss = {name!r} is not callable; give a function(output, target) -> loss")
+    return fn
+
+
+def psnr(mse: float, peak: float) -> float:
+    """Peak signal-to-noise ratio in dB; inf for a perfect fit, NaN without a peak."""
+    if not peak > 0:
+        return float("nan")
+    return 10 * math.log10(peak * peak / mse) if mse > 0 else float("inf")
 
 
 def init_comm(cfg: Config) -> comm.Communicator:
@@ -164,14 +162,19 @@ class Trainer:
             self._prepare(resume, overwrite)
         self.device = comm.pick_device(cfg.train.device)
         seed_everything(cfg.run.seed)
-        self.splits = load_splits(cfg.data, cfg.run.seed)
-        self.model = build_model(cfg.model.name, self.splits.input_shape, self.splits.num_classes,
+        self.splits = load_splits(cfg.data, cfg.run.seed, task=task_for(cfg.train))
+        self.task = self.splits.task
+        self.regression = self.task == "regression"
+        self.psnr_peak = cfg.train.psnr_peak or (
+            self.splits.target_range[1] - self.splits.target_range[0] if self.splits.target_range else 0.0)
+        self.model = build_model(cfg.model.name, self.splits.input_shape, self.splits.num_outputs,
                                  cfg.model.args).to(self.device)
         base = self._base_optimizer()
         self.optimizer = DistributedOptimizer(
             base, named_parameters=self.model.named_parameters(),
             compression=policy_from_config(cfg.compression),
-            backward_passes_per_step=cfg.train.backward_passes_per_step, fusion=cfg.train.fusion)
+            backward_passes_per_step=cfg.train.backward_passes_per_step, fusion=cfg.train.fusion,
+            max_grad_norm=cfg.train.max_grad_norm or None)
         self.train_positions = filtering.training_positions(self.splits.train, cfg.data)
         self.pruning = filtering.dynamic_pruning(self.splits.train, self.train_positions, cfg.data, cfg.run.seed)
         self.loss_weights: np.ndarray | None = None     # per train position, set each epoch by dynamic pruning
@@ -179,7 +182,7 @@ class Trainer:
         self.progress = Progress(global_batch=cfg.batch.initial)
         self.batch = BatchOrchestrator(cfg.batch, cfg.train.lr, self.world, cfg.train.backward_passes_per_step)
         self.grad_norms = GradNormObserver.attach(self.optimizer) if self.batch.needs_grad_norms else GradNormObserver()
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.loss_fn = resolve_loss(cfg.train.loss)
         self.log: StepLog | None = None
         self.log_rows: dict[str, int] | None = None    # log length at the checkpoint resumed from
 
@@ -473,12 +476,29 @@ class Trainer:
                                                        name="loss")
         return mean_loss, stop > 0
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        """Mean cross-entropy; under dynamic pruning each sample's term carries its InfoBatch weight."""
+    def _shaped(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Regression: the model's output [B, n] as the targets' shape [B, *target_shape]."""
+        if not self.regression or output.shape == y.shape:
+            return output
+        if output.numel() != y.numel():
+            raise UserError(f"model {self.cfg.model.name!r} outputs {tuple(output.shape[1:])} per sample but the targets "
+                            f"have shape {tuple(y.shape[1:])}; the model must output one value per target element")
+        return output.reshape(y.shape)
+
+    def _loss(self, output: torch.Tensor, y: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """The mean of `train.loss`; under dynamic pruning each sample's term carries its InfoBatch weight."""
+        output = self._shaped(output, y)
         if self.loss_weights is None:
-            return self.loss_fn(logits, y)
-        weights = torch.from_numpy(self.loss_weights[positions]).to(logits.device)
-        return (nn.functional.cross_entropy(logits, y, reduction="none") * weights).mean()
+            return self.loss_fn(output, y)
+        weights = torch.from_numpy(self.loss_weights[positions]).to(output.device)
+        try:
+            per_sample = self.loss_fn(output, y, reduction="none")
+        except TypeError:
+            raise UserError(f"train.loss = {self.cfg.train.loss!r} takes no reduction='none', which data.dynamic "
+                            "needs (per-sample weights); add the argument or turn data.dynamic off") from None
+        if per_sample.dim() > 1:
+            per_sample = per_sample.flatten(1).mean(1)
+        return (per_sample * weights).mean()
 
     def _micro_batches(self, local: np.ndarray) -> list[np.ndarray]:
         """Split this rank's batch for gradient accumulation (memory cap `batch.max_local`)."""
@@ -519,21 +539,34 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> float:
-        """Validation loss (returned) and accuracy over the whole held-out split, each rank a slice of it."""
+        """Validation loss (returned) and the task's metric (accuracy, or PSNR) over the whole held-out
+        split, each rank a slice of it. The loss is `train.loss`'s mean over the split's samples."""
         self.optimizer.flush()
         self.model.eval()
         val = self.splits.val
         mine = np.arange(self.rank, len(val), self.world)
-        loss_sum = correct = 0.0
+        loss_sum = metric = squares = 0.0
+        elements = 0
         for chunk in np.array_split(mine, max(1, -(-len(mine) // 1024))):
             if len(chunk) == 0:
                 continue
             x, y = self._to_device(val, chunk)
-            logits = self.model(x)
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += float((logits.argmax(1) == y).sum())
-        loss_sum, correct = comm.get().allreduce_scalars([loss_sum, correct], name="eval", average=False)
-        val_loss, val_acc = loss_sum / len(val), correct / len(val)
+            output = self._shaped(self.model(x), y)
+            if self.regression:
+                loss_sum += float(self.loss_fn(output, y)) * len(chunk)
+                squares += float(((output - y) ** 2).sum())
+                elements += y.numel()
+            else:
+                if self.loss_fn is nn.functional.cross_entropy:
+                    loss_sum += float(nn.functional.cross_entropy(output, y, reduction="sum"))
+                else:
+                    loss_sum += float(self.loss_fn(output, y)) * len(chunk)
+                metric += float((output.argmax(1) == y).sum())
+        loss_sum, metric, squares, elements = comm.get().allreduce_scalars(
+            [loss_sum, metric, squares, float(elements)], name="eval", average=False)
+        val_loss = loss_sum / len(val)
+        val_acc = float("nan") if self.regression else metric / len(val)
+        val_psnr = psnr(squares / max(elements, 1), self.psnr_peak) if self.regression else float("nan")
         if self.cfg.train.abort_on_nan and not math.isfinite(val_loss):    # the same on every rank
             raise AgreedError(f"non-finite validation loss ({val_loss}) at step {self.progress.step}, epoch "
                               f"{self.progress.epoch}; no checkpoint of the diverged model was written: lower "
@@ -542,7 +575,8 @@ class Trainer:
             if self.log is not None:
                 self.log.append("evals", {"step": self.progress.step, "epoch": self.progress.epoch,
                                           "val_loss": val_loss, "val_accuracy": val_acc,
-                                          "wall_time_s": self.progress.elapsed_s})
+                                          "wall_time_s": self.progress.elapsed_s, "val_psnr": val_psnr})
+            metric_text = f"val_psnr {val_psnr:.2f} dB" if self.regression else f"val_accuracy {val_acc:.4f}"
             print(f"[epoch {self.progress.epoch}/{self.cfg.train.epochs}, step {self.progress.step}] val_loss {val_loss:.4f} "
-                  f"val_accuracy {val_acc:.4f}", flush=True)
+                  f"{metric_text}", flush=True)
         return val_loss

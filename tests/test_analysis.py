@@ -19,10 +19,10 @@ import h5py
 import numpy as np
 import pytest
 
-from analysis import load, report
-from analysis.load import load_log, load_logs
-from analysis.plots import PLOTS, layer_table, plot_bytes_per_layer, plot_loss_and_accuracy, write_plots
-from analysis.summary import SUMMARY_COLUMNS, default_target, summary_table
+from hpctrain.analysis import load, report
+from hpctrain.analysis.load import load_log, load_logs
+from hpctrain.analysis.plots import PLOTS, layer_table, plot_bytes_per_layer, plot_loss_and_accuracy, write_plots
+from hpctrain.analysis.summary import SUMMARY_COLUMNS, default_target, summary_table
 from hpctrain.errors import UserError
 from hpctrain.h5log import StepLog
 from helpers import REPO, run_cli

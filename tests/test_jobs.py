@@ -140,7 +140,7 @@ def test_train_command_environment_and_run_dir():
         "--set", f'run.out_dir="{REPO / "runs-x"}"', "--set", 'run.name="trial"']
     script = jobs.render(job)
     # The script's own shell must hand the same words to hpctrain.
-    launch = script[script.index("srun "):script.index(" || rc=$?")].replace("\\\n", " ")
+    launch = script[script.index("\nsrun ") + 1:script.index(" || rc=$?")].replace("\\\n", " ")
     assert shlex.split(launch)[-len(job.train_command):] == job.train_command
     assert f"#SBATCH -o {job.run_dir}/job-%j.out" in script
 
@@ -297,10 +297,41 @@ def test_missing_bsub_is_found_before_submitting(tmp_path, monkeypatch):
         jobs.submit_program("lsf")
 
 
-def test_render_cli_prints_script_and_makes_run_dir(tmp_path):
-    proc = run_cli(["jobs", "render", "--site", "local", "--config", CONFIG, "--out-dir", tmp_path, "--name", "r1"])
-    assert proc.stdout.startswith("#!/bin/bash\n") and f"#SBATCH -o {tmp_path}/r1/job-%j.out" in proc.stdout
-    assert (tmp_path / "r1").is_dir()
+def test_render_cli_prints_the_script_and_writes_nothing(tmp_path):
+    """The script on stdout, nothing on stderr, no file or directory made (the job or `submit` makes
+    the run directory), and no path of the rendering machine's environment unless --python asks."""
+    (tmp_path / "cwd").mkdir()
+    argv = ["jobs", "render", "--site", "local", "--config", REPO / CONFIG, "--out-dir", tmp_path / "out", "--name", "r1"]
+    proc = run_cli(argv, cwd=tmp_path / "cwd")
+    assert proc.stdout.startswith("#!/bin/bash\n") and f"#SBATCH -o {tmp_path}/out/r1/job-%j.out" in proc.stdout
+    assert proc.stderr == ""
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "cwd"]
+    assert 'mkdir -p "$RUN_DIR"' in proc.stdout            # the job makes it, as does `submit`
+    for path in {sys.executable, sys.prefix, str(Path(sys.executable).parent)}:
+        assert path not in proc.stdout
+    assert " \\\n    hpctrain train --config " in proc.stdout   # the `hpctrain` on the job's PATH
+
+    pinned = run_cli([*argv, "--python", sys.executable], cwd=tmp_path / "cwd")
+    assert f"\n    {shlex.quote(sys.executable)} -m hpctrain train --config " in pinned.stdout
+    assert "pins one" not in pinned.stdout and "pins one" in proc.stdout
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "cwd"]
+
+
+def test_python_option(tmp_path):
+    assert jobs.hpctrain_command(None, tmp_path) == ["hpctrain"]
+    assert jobs.hpctrain_command("python3", tmp_path) == ["python3", "-m", "hpctrain"]   # looked up on the nodes
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    # Absolute, but not resolved: a venv's python is a symlink out of the venv.
+    assert jobs.hpctrain_command("venv/bin/python", tmp_path) == [str(venv_python), "-m", "hpctrain"]
+    with pytest.raises(UserError, match="^--python venv/bin/nope: no such file"):
+        jobs.hpctrain_command("venv/bin/nope", tmp_path)
+
+
+def test_templates_and_sites_come_from_the_checkout_jobs_dir():
+    assert jobs.JOBS_DIR == jobs.jobs_dir() == REPO / "jobs"
+    assert jobs.available_sites() == sorted(p.stem for p in (REPO / "jobs" / "sites").glob("*.toml"))
 
 
 # --- a real one-node Slurm -------------------------------------------------------------------------
@@ -324,7 +355,7 @@ def submit_and_wait(slurm: SlurmCluster, out_dir: Path, max_steps: int, monkeypa
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     # The job's own export must decide the engine, not whatever the submitting shell passes on.
     monkeypatch.setenv("HPCTRAIN_BACKEND", "auto")
-    args = parse("--site", "local", "--out-dir", str(out_dir), "--set", "train.epochs=1",
+    args = parse("--site", "local", "--python", sys.executable, "--out-dir", str(out_dir), "--set", "train.epochs=1",
                  "--set", f"train.max_steps={max_steps}", "--set", "train.progress=false", *extra, action="submit")
     assert args.func(args) == 0
     job_id = capsys.readouterr().out.strip()

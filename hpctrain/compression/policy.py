@@ -73,6 +73,8 @@ def policy_from_config(cfg: CompressionConfig) -> Policy:
     """The `[compression]` table of a run config as a Policy: default compressor, glob rules,
     small-tensor bypass, dense warm-up."""
     built = {name: registry.build(name, cfg.options.get(name)) for name in {cfg.name, *cfg.rules.values()}}
+    if cfg.name == "auto":           # every layer exchanged on its own (dense fp32) until auto decides
+        built["auto"] = DENSE
     return Policy(default=built[cfg.name], rules={pattern: built[name] for pattern, name in cfg.rules.items()},
                   min_numel=cfg.min_numel, warmup_steps=cfg.warmup_steps, hierarchical=cfg.hierarchical)
 

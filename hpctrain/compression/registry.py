@@ -23,8 +23,9 @@ COMPRESSORS: dict[str, str] = {
     "lowrank": "hpctrain.compression.lowrank:LowRank",
     "signsgd": "hpctrain.compression.signsgd:SignSGD",
 }
-# "none": no compressor, every gradient in fp32 (as hvd.DistributedOptimizer).
-NAMES = ("none", *COMPRESSORS)
+# "none": no compressor, every gradient in fp32 (as hvd.DistributedOptimizer). "auto": dense until
+# the cost model picks per layer after the warm-up (hpctrain/compression/auto.py).
+NAMES = ("none", "auto", *COMPRESSORS)
 
 
 def compressor_class(name: str) -> type[Compressor]:
@@ -38,8 +39,8 @@ def compressor_class(name: str) -> type[Compressor]:
 def build(name: str, options: Mapping[str, Any] | None = None) -> Compressor | None:
     """The compressor called `name` with hyper-parameters `options` (a `[compression.NAME]`
     table; missing keys take the class's defaults); None for "none"."""
-    if name == "none":
+    if name in ("none", "auto"):          # auto: dense until its decision (compression/auto.py)
         if options:
-            raise UserError("config: [compression.none] takes no keys: dense fp32 has no hyper-parameters")
+            raise UserError(f"config: [compression.{name}] takes no keys: dense fp32 has no hyper-parameters")
         return None
     return build_dataclass(compressor_class(name), dict(options or {}), f"compression.{name}")

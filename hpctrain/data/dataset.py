@@ -38,9 +38,11 @@ class ShardDataset(torch.utils.data.Dataset):
 
         self._cfg = DataConfig(name=str(source), num_samples=num_samples, val_fraction=val_fraction,
                                scores_file=str(scores_file))
-        splits = load_splits(self._cfg, seed)
+        splits = load_splits(self._cfg, seed, task=None)      # the data says: class labels or float targets
         self._split: SplitDataset = splits.train if split == "train" else splits.val
         self.num_classes: int = splits.num_classes
+        self.task: str = splits.task                            # "classification" or "regression"
+        self.target_shape: tuple[int, ...] = tuple(splits.target_shape)
         self.sample_shape: tuple[int, ...] = tuple(splits.input_shape)
         self.positions = np.arange(len(self._split), dtype=np.int64)   # rows of the split in this view
         self.positions = self.kept(keep_fraction=keep_fraction, score=score, keep=keep).positions
@@ -69,7 +71,8 @@ class ShardDataset(torch.utils.data.Dataset):
 
     @property
     def labels(self) -> np.ndarray:
-        """int64 class label of every sample in this view (cheap: from the index, no sample read)."""
+        """int64 class label of every sample in this view (cheap: from the index, no sample read);
+        all 0 for regression data (one stratum)."""
         return self._split.labels[self.positions]
 
     @property
@@ -87,7 +90,8 @@ class ShardDataset(torch.utils.data.Dataset):
         return indices % max(n, 1)
 
     def get(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch, read in one pass: (x float32 [B, *sample_shape], y int64 [B])."""
+        """A batch, read in one pass: (x float32 [B, *sample_shape], y int64 [B] class labels, or
+        float32 [B, *target_shape] regression targets)."""
         x, y = self._split.get(self.positions[self._checked(indices)])
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
@@ -102,4 +106,5 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (f"ShardDataset({self._cfg.name!r}, {len(self)} samples of shape {self.sample_shape}, "
-                f"{self.num_classes} classes)")
+                (f"{self.num_classes} classes)" if self.task == "classification" else
+                 f"regression targets of shape {self.target_shape})"))

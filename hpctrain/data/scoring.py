@@ -390,7 +390,10 @@ def run(args: argparse.Namespace) -> int:
     rank, size = comm.rank(), comm.size()
     device = comm.pick_device(cfg.train.device)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False   # rank-invariant on GPU too
-    splits = load_splits(cfg.data, cfg.run.seed)
+    splits = load_splits(cfg.data, cfg.run.seed, task=None)
+    if splits.task != "classification":
+        raise UserError(f"hpctrain score: {cfg.data.name} holds regression targets; the score methods read class "
+                        "logits and labels, so they score classification data only")
     train = splits.train
     extractor = None
     if args.extractor:

@@ -4,12 +4,18 @@ Layout of a shard directory DIR (schema `SCHEMA_VERSION`):
 
   shard-00000.h5 ...  each holds samples of one split: `x` [n, *sample_shape] in the source dtype
                       (chunked in blocks of whole samples, optional gzip/lzf, fletcher32 so a
-                      corrupt chunk fails on read), `y` int64 [n], `sample_id` int64 [n];
+                      corrupt chunk fails on read), `y` int64 [n] (classification) or float32
+                      [n, *target_shape] (regression, chunked like x), `sample_id` int64 [n];
                       attrs schema_version, split, index, count, sample_shape, x_dtype.
   index.h5            labels, sample ids and split of every sample, in shard order, so opening
-                      the set reads one small file instead of touching every shard.
+                      the set reads one small file instead of touching every shard (regression:
+                      labels are all 0, one stratum; the targets stay in the shards).
   manifest.json       written LAST and atomically: counts, shapes, dtypes, and bytes/SHA-256 of
                       every shard and of index.h5. A directory without it is an unfinished write.
+
+The manifest's `task` is "classification" (schema 1; a manifest without `task` is one) or
+"regression" (schema 2, with `target_shape` and `target_range` [min, max] over every target, the
+PSNR peak). `hpctrain shard --task auto` decides by y: integer (or whole-number) 1-D is class labels.
 
 Every file is written under a temporary name and renamed, so a crash never leaves a file that
 looks complete. Under mpirun rank r writes shards r, r+size, ...; rank 0 writes index and manifest.
@@ -35,7 +41,9 @@ from tqdm import tqdm
 from hpctrain.data import Splits, holdout_positions
 from hpctrain.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1                 # classification shards (readable by every hpctrain)
+REGRESSION_SCHEMA_VERSION = 2      # float targets: an hpctrain without regression refuses them
+READABLE_SCHEMAS = (SCHEMA_VERSION, REGRESSION_SCHEMA_VERSION)
 MANIFEST = "manifest.json"
 INDEX = "index.h5"
 SPLITS = ("train", "val")
@@ -62,7 +70,9 @@ class SourceSplit:
     sample_ids: np.ndarray
 
 
-def _checked(split: str, x: Any, y: Any, ids: np.ndarray, where: str) -> SourceSplit:
+def _checked(split: str, x: Any, y: Any, ids: np.ndarray, where: str, task: str | None = None) -> SourceSplit:
+    from hpctrain.data.builtin import infer_task, regression_targets
+
     y = np.asarray(y)
     if len(x) != len(y):
         raise UserError(f"{where}: {split} x has {len(x)} samples but y has {len(y)}; they must match")
@@ -70,32 +80,45 @@ def _checked(split: str, x: Any, y: Any, ids: np.ndarray, where: str) -> SourceS
         raise UserError(f"{where}: the {split} split is empty; give at least one sample")
     if not np.issubdtype(np.dtype(x.dtype), np.number):
         raise UserError(f"{where}: x has dtype {x.dtype}; shards need numeric samples")
+    if (task or infer_task(y)) == "regression":
+        return SourceSplit(split, x, regression_targets(where, "y" if split == "train" else "y_val", y),
+                           np.asarray(ids, dtype=np.int64))
+    if y.ndim != 1:
+        raise UserError(f"{where}: y has shape {y.shape}; class labels are one integer per sample "
+                        f"(for targets of any shape use --task regression)")
     if not np.issubdtype(y.dtype, np.integer):
         if not np.array_equal(y, np.round(y)):
-            raise UserError(f"{where}: y must hold integer class labels, got dtype {y.dtype} with fractions")
+            raise UserError(f"{where}: y must hold integer class labels, got dtype {y.dtype} with fractions "
+                            f"(for float targets use --task regression)")
     y = y.astype(np.int64)
     if y.min() < 0:
         raise UserError(f"{where}: y has negative labels (min {y.min()}); classes must be 0..C-1")
     return SourceSplit(split, x, y, np.asarray(ids, dtype=np.int64))
 
 
-def _pair(arrays: Any, where: str) -> list[SourceSplit]:
+def _pair(arrays: Any, where: str, task: str | None = None) -> list[SourceSplit]:
     """x/y (and optional x_val/y_val) from an npz or HDF5 file; val ids follow the train ids,
     as `hpctrain.data.builtin.load_hdf5_file` numbers them."""
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise UserError(f"{where}: lacks {missing}; it needs x [N, ...] and y [N] (optionally x_val, y_val)")
+    from hpctrain.data.builtin import infer_task
+
     n = len(arrays["y"])
-    out = [_checked("train", arrays["x"], arrays["y"][:], np.arange(n), where)]
+    y = arrays["y"][:]
+    task = task or infer_task(y)          # train decides for val: one task per shard set
+    out = [_checked("train", arrays["x"], y, np.arange(n), where, task)]
     if "x_val" in arrays and "y_val" in arrays:
         m = len(arrays["y_val"])
-        out.append(_checked("val", arrays["x_val"], arrays["y_val"][:], np.arange(n, n + m), where))
+        out.append(_checked("val", arrays["x_val"], arrays["y_val"][:], np.arange(n, n + m), where, task))
     return out
 
 
 @contextmanager
-def open_source(src: str, labels: str | None = None, num_samples: int = 10000) -> Iterator[list[SourceSplit]]:
-    """Open SRC (.npz, x .npy + labels .npy, HDF5 with x/y, or a built-in dataset name) as splits."""
+def open_source(src: str, labels: str | None = None, num_samples: int = 10000,
+                task: str | None = None) -> Iterator[list[SourceSplit]]:
+    """Open SRC (.npz, x .npy + labels .npy, HDF5 with x/y, or a built-in dataset name) as splits;
+    `task` None decides by y (built-in datasets know theirs)."""
     from hpctrain.data import builtin
 
     path = Path(src)
@@ -105,14 +128,14 @@ def open_source(src: str, labels: str | None = None, num_samples: int = 10000) -
         out = []
         for split, ds in zip(SPLITS, (splits.train, splits.val)):
             x, y = ds.get(np.arange(len(ds)))
-            out.append(_checked(split, x, y, ds.sample_ids, src))
+            out.append(_checked(split, x, y, ds.sample_ids, src, splits.task))
         yield out
     elif not path.is_file():
         raise UserError(f"--input {src!r} is neither a built-in dataset ({', '.join(builtin.BUILTINS)}) "
                         f"nor an existing .npz/.npy/.h5 file; fix the path")
     elif path.suffix == ".npz":
         with np.load(path) as f:
-            yield _pair({k: f[k] for k in f.files}, src)
+            yield _pair({k: f[k] for k in f.files}, src, task)
     elif path.suffix == ".npy":
         label_path = Path(labels) if labels else path.with_name("y" + path.name[1:])
         if not labels and not path.name.startswith("x"):
@@ -121,14 +144,14 @@ def open_source(src: str, labels: str | None = None, num_samples: int = 10000) -
         if not label_path.is_file():
             raise UserError(f"labels file {label_path} not found; pass --labels Y.npy next to --input {src}")
         x = np.load(path, mmap_mode="r")
-        yield [_checked("train", x, np.load(label_path), np.arange(len(x)), src)]
+        yield [_checked("train", x, np.load(label_path), np.arange(len(x)), src, task)]
     else:
         try:
             f = h5py.File(path, "r")
         except OSError as exc:
             raise UserError(f"--input {src}: not a readable .npz, .npy or HDF5 file ({exc})") from None
         with f:
-            yield _pair(f, src)
+            yield _pair(f, src, task)
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -180,7 +203,12 @@ def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: st
         for lo in range(0, count, rows):        # one chunk at a time: memory stays one chunk
             hi = min(lo + rows, count)
             x[lo:hi] = source.x[plan.start + lo:plan.start + hi]
-        f.create_dataset("y", data=source.y[plan.start:plan.stop], dtype=np.int64)
+        if source.y.dtype == np.int64:
+            f.create_dataset("y", data=source.y[plan.start:plan.stop], dtype=np.int64)
+        else:                                   # regression targets: chunked like x, read like x
+            target_shape = tuple(source.y.shape[1:])
+            f.create_dataset("y", data=source.y[plan.start:plan.stop], dtype=np.float32,
+                             chunks=(rows, *target_shape), fletcher32=True, **COMPRESSIONS[compression])
         f.create_dataset("sample_id", data=source.sample_ids[plan.start:plan.stop], dtype=np.int64)
         f.attrs.update(schema_version=SCHEMA_VERSION, split=source.split, index=plan.index, count=count,
                        sample_shape=np.asarray(sample_shape, dtype=np.int64), x_dtype=dtype.str)
@@ -241,17 +269,22 @@ def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: lis
     order = [sources[p.source] for p in plans]
     index_path = out / INDEX
     tmp = _tmp_name(index_path)
+    regression = first_task(sources) == "regression"
     with _removing_on_failure(tmp, index_path), h5py.File(tmp, "w") as f:
-        f.create_dataset("y", data=np.concatenate([s.y[p.start:p.stop] for s, p in zip(order, plans)]))
+        f.create_dataset("y", data=np.concatenate([
+            np.zeros(p.stop - p.start, np.int64) if regression else s.y[p.start:p.stop] for s, p in zip(order, plans)]))
         f.create_dataset("sample_id", data=np.concatenate([s.sample_ids[p.start:p.stop] for s, p in zip(order, plans)]))
         f.create_dataset("shard_count", data=np.array([e["count"] for e in entries], dtype=np.int64))
     os.replace(tmp, index_path)
     first = sources[0]
     manifest = {
-        "format": "hpctrain-shards", "schema_version": SCHEMA_VERSION,
+        "format": "hpctrain-shards", "schema_version": REGRESSION_SCHEMA_VERSION if regression else SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "source": source_name,
         "sample_shape": list(first.x.shape[1:]), "x_dtype": np.dtype(first.x.dtype).str,
-        "num_classes": int(max(s.y.max() for s in sources)) + 1,
+        "num_classes": 0 if regression else int(max(s.y.max() for s in sources)) + 1,
+        **({"task": "regression", "target_shape": list(first.y.shape[1:]),
+            "target_range": [float(min(s.y.min() for s in sources)), float(max(s.y.max() for s in sources))]}
+           if regression else {"task": "classification"}),
         "counts": {s.split: len(s.y) for s in sources}, "shard_size": shard_size, "compression": compression,
         "index": {"file": INDEX, "bytes": index_path.stat().st_size, "sha256": sha256_file(index_path)},
         "shards": entries,
@@ -260,10 +293,17 @@ def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: lis
     return manifest
 
 
+def first_task(sources: list[SourceSplit]) -> str:
+    return "classification" if sources[0].y.dtype == np.int64 else "regression"
+
+
 def check_consistent_sources(sources: list[SourceSplit], where: str) -> None:
     shapes = {tuple(s.x.shape[1:]) for s in sources}
     if len(shapes) > 1:
         raise UserError(f"{where}: train and val samples have different shapes {sorted(shapes)}; they must match")
+    targets = {(str(s.y.dtype), tuple(s.y.shape[1:])) for s in sources}
+    if len(targets) > 1:
+        raise UserError(f"{where}: train and val targets differ in kind or shape {sorted(targets)}; they must match")
     ids = np.concatenate([s.sample_ids for s in sources])
     if len(np.unique(ids)) != len(ids):
         raise UserError(f"{where}: sample ids repeat; every sample needs its own id")
@@ -285,9 +325,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); {_fix(root)}") from None
-    if manifest.get("format") != "hpctrain-shards" or manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("format") != "hpctrain-shards" or manifest.get("schema_version") not in READABLE_SCHEMAS:
         raise UserError(f"{path}: format/schema {manifest.get('format')}/{manifest.get('schema_version')} is not "
-                        f"hpctrain-shards/{SCHEMA_VERSION}; {_fix(root, manifest)}")
+                        f"hpctrain-shards/{' or '.join(map(str, READABLE_SCHEMAS))}; {_fix(root, manifest)}")
     return manifest
 
 
@@ -321,6 +361,8 @@ def _check_structure(root: Path, manifest: dict[str, Any], entry: dict[str, Any]
         if f["x"].shape != shape or f["x"].dtype.str != manifest["x_dtype"]:
             problems.append(f"x is {f['x'].dtype.str}{f['x'].shape}, expected {manifest['x_dtype']}{shape}")
         problems += [f"{k} has {len(f[k])} rows" for k in ("y", "sample_id") if len(f[k]) != entry["count"]]
+        if manifest.get("task") == "regression" and f["y"].shape[1:] != tuple(manifest["target_shape"]):
+            problems.append(f"y targets have shape {f['y'].shape[1:]}, expected {tuple(manifest['target_shape'])}")
     if problems:
         raise UserError(f"{root / entry['file']}: does not match {MANIFEST} ({'; '.join(problems)}); {_fix(root, manifest)}")
 
@@ -345,7 +387,9 @@ class ShardedDataset:
         self._positions = positions                  # this split's samples, as global positions
         self._labels = labels
         self._ids = sample_ids
-        self._files: OrderedDict[int, h5py.Dataset] = OrderedDict()      # shard → its open `x`
+        self._files: OrderedDict[int, h5py.File] = OrderedDict()         # shard → its open file
+        self.regression = manifest.get("task") == "regression"
+        self.target_shape = tuple(manifest.get("target_shape", ()))
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._checked: set[int] = set()
@@ -365,11 +409,11 @@ class ShardedDataset:
     def __getstate__(self) -> dict[str, Any]:
         return dict(self.__dict__, _files=OrderedDict(), _cache=OrderedDict(), _cached_bytes=0, _pid=None)
 
-    def _x(self, shard: int) -> h5py.Dataset:
+    def _x(self, shard: int, name: str = "x") -> h5py.Dataset:
         if self._pid != os.getpid():                 # forked (e.g. a loader worker): never share handles
             self._files, self._pid = OrderedDict(), os.getpid()
-        x = self._files.get(shard)
-        if x is None:
+        f = self._files.get(shard)
+        if f is None:
             entry = self._entries[shard]
             path = self.root / entry["file"]
             _check_file(self.root, self.manifest, entry, full=False)
@@ -380,22 +424,22 @@ class ShardedDataset:
             if shard not in self._checked:
                 _check_structure(self.root, self.manifest, entry, f)
                 self._checked.add(shard)
-            self._files[shard] = x = f["x"]
+            self._files[shard] = f
             if len(self._files) > MAX_OPEN_FILES:
-                self._files.popitem(last=False)[1].file.close()
+                self._files.popitem(last=False)[1].close()
         self._files.move_to_end(shard)
-        return x
+        return f[name]
 
-    def _chunk(self, shard: int, index: int) -> np.ndarray:
-        """Chunk `index` of a shard's `x`, decoded, from the LRU cache or the file."""
-        key = (shard, index)
+    def _chunk(self, shard: int, index: int, name: str = "x") -> np.ndarray:
+        """Chunk `index` of a shard's `x` (or regression `y`), decoded, from the LRU cache or the file."""
+        key = (shard, index, name)
         block = self._cache.get(key)
         if block is not None:
             self._cache.move_to_end(key)
             return block
         rows = int(self._chunk_rows[shard])
         try:
-            block = self._x(shard)[index * rows:(index + 1) * rows]
+            block = self._x(shard, name)[index * rows:(index + 1) * rows]
         except OSError as exc:
             raise UserError(f"{self.root / self._entries[shard]['file']}: read failed ({exc}); the shard is corrupt — "
                             f"run `hpctrain shard verify {self.root}`, then {_fix(self.root, self.manifest)}") from None
@@ -415,12 +459,15 @@ class ShardedDataset:
         chunk = local // self._chunk_rows[shard]
         cuts = np.flatnonzero((np.diff(shard) != 0) | (np.diff(chunk) != 0)) + 1
         x = np.empty((len(pos), *self.sample_shape), dtype=np.float32)
+        y = np.empty((len(pos), *self.target_shape), dtype=np.float32) if self.regression else None
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(pos)]):
             if a == b:
                 continue
             s, c = int(shard[a]), int(chunk[a])
             x[order[a:b]] = self._chunk(s, c)[local[a:b] - c * self._chunk_rows[s]]
-        return x, self._labels[indices]
+            if y is not None:
+                y[order[a:b]] = self._chunk(s, c, "y")[local[a:b] - c * self._chunk_rows[s]]
+        return x, (y if y is not None else self._labels[indices])
 
 
 @dataclass
@@ -460,14 +507,25 @@ def open_directory(root: str | Path) -> ShardDirectory:
     return ShardDirectory(root, manifest, labels, ids, split, starts)
 
 
-def load_shard_splits(path: Path, data_cfg, seed: int = 0) -> Splits:
-    """Train/val of a shard directory: its own val shards, else a seeded `data.val_fraction` holdout."""
+def load_shard_splits(path: Path, data_cfg, seed: int = 0, task: str | None = "classification") -> Splits:
+    """Train/val of a shard directory: its own val shards, else a seeded `data.val_fraction` holdout.
+    `task` (what the loss needs) must be the manifest's; None takes the manifest's."""
     d = open_directory(path)
+    held = d.manifest.get("task", "classification")
+    if task is not None and task != held:
+        fix = ("use train.loss = \"mse\" or \"l1\"" if held == "regression" else
+               f"re-shard with `hpctrain shard --input {d.manifest.get('source', 'SRC')} --out {path} --task regression "
+               "--overwrite` (class labels become float targets)")
+        raise UserError(f"{path} holds {held} targets but the loss needs {task} ones; {fix}")
     train = np.flatnonzero(d.split == "train")
     val = np.flatnonzero(d.split == "val")
     if len(val) == 0:
         keep, held = holdout_positions(len(train), data_cfg.val_fraction, seed)
         train, val = train[keep], train[held]
+    if held == "regression":
+        return Splits(d.view(train), d.view(val), num_classes=0, input_shape=tuple(d.manifest["sample_shape"]),
+                      task="regression", target_shape=tuple(d.manifest["target_shape"]),
+                      target_range=tuple(d.manifest["target_range"]))
     return Splits(d.view(train), d.view(val), num_classes=int(d.manifest["num_classes"]),
                   input_shape=tuple(d.manifest["sample_shape"]))
 
@@ -483,7 +541,8 @@ def verify(root: str | Path, show_progress: bool = True) -> dict[str, Any]:
             with _open_h5(path) as f:
                 _check_structure(d.root, d.manifest, entry, f)
                 span = slice(d.starts[i], d.starts[i] + entry["count"])
-                if not (np.array_equal(f["y"][:], d.labels[span]) and np.array_equal(f["sample_id"][:], d.sample_ids[span])):
+                labels_match = d.manifest.get("task") == "regression" or np.array_equal(f["y"][:], d.labels[span])
+                if not (labels_match and np.array_equal(f["sample_id"][:], d.sample_ids[span])):
                     raise UserError(f"{path}: labels/sample ids differ from {INDEX}; {_fix(d.root, d.manifest)}")
         except OSError as exc:
             raise UserError(f"{path} cannot be read as HDF5 ({exc}); {_fix(d.root, d.manifest)}") from None
@@ -495,7 +554,7 @@ def verify(root: str | Path, show_progress: bool = True) -> dict[str, Any]:
 def shard(src: str, out: str | Path, shard_size: int = 10000, compression: str = "none", overwrite: bool = False,
           labels: str | None = None, num_samples: int = 10000, chunk_kib: int = CHUNK_KIB, rank: int = 0, size: int = 1,
           barrier: Callable[[], None] = lambda: None,
-          allgather: Callable[[Any], list[Any]] = lambda obj: [obj]) -> dict[str, Any] | None:
+          allgather: Callable[[Any], list[Any]] = lambda obj: [obj], task: str | None = None) -> dict[str, Any] | None:
     """Write SRC as a shard directory; with rank/size and the two collectives, ranks share the work.
     Returns the manifest on rank 0."""
     out = Path(out)
@@ -503,7 +562,9 @@ def shard(src: str, out: str | Path, shard_size: int = 10000, compression: str =
         raise UserError(f"--compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}")
     if chunk_kib < 1:
         raise UserError(f"--chunk-kib {chunk_kib} must be at least 1")
-    with open_source(src, labels, num_samples) as sources:
+    if task not in (None, "auto", "classification", "regression"):
+        raise UserError(f"--task {task!r}: choose auto, classification or regression")
+    with open_source(src, labels, num_samples, None if task == "auto" else task) as sources:
         check_consistent_sources(sources, src)
         if rank == 0:
             prepare_out_dir(out, overwrite)
@@ -522,7 +583,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
         raise UserError("hpctrain shard needs --input SRC and --out DIR (or `hpctrain shard verify DIR`)")
     manifest = shard(args.input, args.out, args.shard_size, args.compression, args.overwrite, args.labels,
                      args.num_samples, args.chunk_kib, comm.rank(), comm.size(), comm.get().barrier,
-                     lambda obj: comm.get().allgather_object(obj, name="hpctrain.shard.entries"))
+                     lambda obj: comm.get().allgather_object(obj, name="hpctrain.shard.entries"), args.task)
     if manifest is not None:
         counts = ", ".join(f"{n} {split}" for split, n in manifest["counts"].items())
         print(f"wrote {len(manifest['shards'])} shards ({counts} samples) and {MANIFEST} to {args.out}")
@@ -548,6 +609,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"uncompressed KiB per HDF5 chunk, the unit of reading (default {CHUNK_KIB}); "
                              "smaller suits random access to sets much larger than the read cache")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
+    parser.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
+                        help="what y holds: class labels (int64, 1-D) or float targets of any shape; auto "
+                             "(default) decides by y: integer or whole-number 1-D y is class labels")
     parser.set_defaults(func=_cmd_write)
     sub = parser.add_subparsers(dest="action", metavar="[verify DIR]")
     check = sub.add_parser("verify", help="check every shard against the manifest (sizes, SHA-256, structure)")

@@ -161,6 +161,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.backward_passes_per_step = passes
         self._passes = dict.fromkeys(self._passes, 0)
 
+    def set_compressors(self, chosen: dict[str, Compressor | None]) -> None:
+        """From the next step on, send each named parameter with its compressor (None: dense
+        fp32); call between steps (`compression = "auto"` does, see hpctrain/compression/auto.py).
+        Residuals of parameters whose compressor changes are not lost (`GradientSync.set_compressors`)."""
+        from hpctrain.compression.policy import DENSE
+
+        self._sync.set_compressors({n: DENSE if c is None else c for n, c in chosen.items()})
+        self.compressor_names = {self._names[p]: c.name if c is not None else "dense"
+                                 for p, c in self._sync.compressors.items()}
+
     def register_gradient_observer(self, observer: GradientObserver) -> RemovableHandle:
         """Show `observer` every step's gradients before and after the exchange (see
         `GradientObserver`); `handle.remove()` stops it."""

@@ -81,6 +81,7 @@ class GradientSync:
         self.bypass = Bypass(bypassed, f"{names[params[0]]}.bypass" if params else "bypass", communicator, reduction)
         self._place = place                    # the fusion mode's: into p.grad, or aside
         self._seen: set[torch.Tensor] = set()  # submitted this step
+        self._carry: dict[torch.Tensor, torch.Tensor] = {}   # residuals left by a changed compressor
         # -- checks and measurement
         self._index = {p: i for i, p in enumerate(params)}
         self.flags = NonFiniteFlags([names[p] for p in params], reduction.members, reduction.index, reduction.rank)
@@ -111,10 +112,34 @@ class GradientSync:
         compressor = self.compressors[p]
         if compressor is None:
             return False
+        carry = self._carry.pop(p, None)
+        if carry is not None:
+            grad = grad + carry.to(grad.dtype)
         if compressor.error_feedback and not grad.is_sparse:   # a non-finite gradient must not enter the residual
             grad = torch.where(finite, grad, 0) if grad.is_cuda else grad if bool(finite) else torch.zeros_like(grad)
         self.queue.add(p, grad)
         return True
+
+    def set_compressors(self, chosen: dict[str, Compressor]) -> None:
+        """Send these parameters (by name) with these compressors from the next step on (between
+        steps only: nothing in flight). A changed compressor starts with empty memory; its old
+        residual stays the residual when the new one has error feedback, else it is added to the
+        parameter's next gradient: nothing the old compressor held back is lost. Parameters on
+        the bypass stay there."""
+        by_name = {self.names[p]: p for p in self.compressors}
+        for name, new in chosen.items():
+            p = by_name[name]
+            old = self.compressors[p]
+            if old is None:
+                raise UserError(f"{name} rides the fused bypass (numel < min_numel or shape): its compressor cannot change")
+            if new == old:
+                continue
+            state = self.states[p]
+            state.memory = None
+            if state.residual is not None and not new.error_feedback:
+                self._carry[p] = state.residual
+                state.residual = None
+            self.compressors[p] = new
 
     def unsent(self) -> Iterator[torch.Tensor]:
         """The parameters not submitted this step, each with zeros in `p.grad` if it has no gradient

@@ -6,6 +6,8 @@
 # Engine: Horovod (HPCTRAIN_BACKEND below).
 #
 # Run directory: /gpfs/alpine/abc123/scratch/alice/runs/digits
+# LSF writes the job's output files there, so it must exist before the job starts:
+# `hpctrain jobs submit` makes it; before `bsub < job.sh` yourself, run `mkdir -p` on it.
 # It is named after the run, not the job: re-submitting this script (bsub < job.sh), or
 # LSF re-running the job after a failure or preemption (#BSUB -r keeps the job id),
 # resumes from the latest checkpoint there (`hpctrain train --resume=auto`). Each job's
@@ -37,6 +39,8 @@ mkdir -p "$RUN_DIR"
 echo "$LSB_JOBID $(date -u +%Y-%m-%dT%H:%M:%SZ) 6 ranks on 1 node(s)" >> "$RUN_DIR/jobs.txt"
 cd @REPO@
 
+# `hpctrain` is the one on the job's PATH (from the setup lines above or the environment the
+# scheduler passes on from the submitting shell); `hpctrain jobs render --python PATH` pins one.
 jsrun -n 6 -a 1 -c 7 -g 1 -r 6 --bind packed:7 \
     hpctrain train --config @REPO@/configs/digits.toml --resume=auto \
     --set batch.initial=96 \

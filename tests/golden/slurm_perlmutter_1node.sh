@@ -6,6 +6,8 @@
 # (first node of the step, a port from the job id) from srun's SLURM_* variables: no torchrun.
 #
 # Run directory: /gpfs/alpine/abc123/scratch/alice/runs/digits
+# Slurm writes the job's output files there, so it must exist before the job starts:
+# `hpctrain jobs submit` makes it; before `sbatch job.sh` yourself, run `mkdir -p` on it.
 # It is named after the run, not the job: re-submitting this script (sbatch job.sh), or
 # Slurm requeueing the job after a preemption or node failure (--requeue keeps the job
 # id), resumes from the latest checkpoint there (`hpctrain train --resume=auto`). Each
@@ -43,6 +45,8 @@ cd @REPO@
 rc=0
 # srun does not inherit -c from the allocation on every Slurm version, so the step repeats it;
 # --kill-on-bad-exit ends the whole step as soon as one rank fails.
+# `hpctrain` is the one on the job's PATH (from the setup lines above or the environment the
+# scheduler passes on from the submitting shell); `hpctrain jobs render --python PATH` pins one.
 srun -N 1 -n 4 --ntasks-per-node=4 -c 32 --kill-on-bad-exit=1 --cpu-bind=cores --gpus-per-node=4 \
     hpctrain train --config @REPO@/configs/digits.toml --resume=auto \
     --set 'run.out_dir="/gpfs/alpine/abc123/scratch/alice/runs"' \

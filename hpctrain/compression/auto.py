@@ -1,0 +1,190 @@
+"""`compression.name = "auto"`: measure after the dense warm-up, let the cost model pick per layer.
+
+At a decision (the first step after the warm-up, and again whenever the global batch changes,
+which changes the compute to communication ratio) every rank calls `AutoCompression.decide`;
+rank 0 alone measures:
+
+- compute seconds per step (the caller's timings: step time − exchange time);
+- each candidate's wire ratio and codec seconds on this rank's *real* gradients of each layer
+  (`measure_layers`: the compressor's own code through `simulate`, timed);
+- the inter-node link (`compression.link`: a rate, or "auto": `probe_link`, two allreduces
+  timed on every rank);
+
+and picks per layer (`choose`) by the model of `hpctrain.cost` for the current world size:
+per layer the candidate with the least exchange + codec seconds — unless dense communication
+hides behind backward altogether, when dense everywhere wins (codecs cost time, hidden bytes do
+not). The choice (layer name → candidate name) is broadcast, and every rank rebuilds its
+per-parameter compressors (`DistributedOptimizer.set_compressors`: residuals of layers whose
+compressor changes go into their next gradient, so nothing is lost). `decide` returns the event
+row the trainer logs in the step log's `events` group, its reason naming the choice.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from hpctrain.compression import registry
+from hpctrain.compression.base import Compressor, ParamState, simulate
+from hpctrain.cost.collectives import flat_allgatherv, flat_allreduce
+from hpctrain.cost.links import Link, Network
+from hpctrain.cost.overlap import DEFAULT_OVERLAP, exposed
+
+CANDIDATES = ("none", "fp16", "adacomp", "threshold", "lowrank")
+PROBE_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One candidate on one layer, measured: bytes this rank sends, the collective, codec seconds."""
+    wire_bytes: float
+    kind: str
+    codec_s: float
+
+
+@dataclass
+class Measured:
+    """What a decision needs: compute per step, and every candidate's cost on every layer."""
+    compute_s: float
+    layers: dict[str, dict[str, LayerCost]] = field(default_factory=dict)   # layer → candidate → cost
+
+
+@dataclass(frozen=True)
+class Choice:
+    per_layer: dict[str, str]       # layer name → candidate name ("none": dense fp32)
+    predicted_step_s: float
+    dense_step_s: float
+    reason: str
+
+
+def build_candidates(names: tuple[str, ...] = CANDIDATES,
+                     options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Compressor | None]:
+    """The compressors `auto` chooses among, with the run's `[compression.NAME]` options."""
+    return {name: registry.build(name, (options or {}).get(name)) for name in names}
+
+
+def measure_layers(grads: Mapping[str, torch.Tensor], candidates: Mapping[str, Compressor | None],
+                   repeats: int = 2) -> dict[str, dict[str, LayerCost]]:
+    """Each candidate on each real gradient: bytes of its payloads and the best of `repeats`
+    timed encode + decode (one rank, `simulate`, fresh state: error feedback starting empty)."""
+    out: dict[str, dict[str, LayerCost]] = {}
+    for name, grad in grads.items():
+        costs = {}
+        for cand, compressor in candidates.items():
+            if compressor is None or not compressor.applies_to(grad.shape):
+                costs[cand] = LayerCost(grad.numel() * 4, "allreduce", 0.0)
+                continue
+            best, rounds = float("inf"), []
+            for _ in range(repeats):
+                rounds = []
+                start = time.perf_counter()
+                simulate(compressor, [grad], [ParamState(name)], rounds)
+                best = min(best, time.perf_counter() - start)
+            kinds = {requests[0].kind for requests in rounds}
+            costs[cand] = LayerCost(sum(r[0].nbytes for r in rounds), kinds.pop() if len(kinds) == 1 else "allreduce",
+                                    best)
+        out[name] = costs
+    return out
+
+
+def _exchange_s(cost: LayerCost, ranks: int, network: Network) -> float:
+    if cost.kind == "allgather":
+        return flat_allgatherv(cost.wire_bytes, ranks, network).seconds
+    return flat_allreduce(cost.wire_bytes, ranks, network).seconds
+
+
+def choose(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP) -> Choice:
+    """Per layer the candidate of least exchange + codec seconds at `ranks` on `network`, or dense
+    everywhere when dense communication hides behind backward (see the module docstring)."""
+    dense = {layer: _exchange_s(costs["none"], ranks, network) for layer, costs in measured.layers.items()}
+    dense_exposed, _ = exposed(sum(dense.values()), measured.compute_s, overlap)
+    dense_step = measured.compute_s + dense_exposed
+    if dense_exposed <= 0.0:
+        return Choice({layer: "none" for layer in measured.layers}, dense_step, dense_step,
+                      f"dense everywhere: its {sum(dense.values()) * 1e3:.3g} ms of communication hides behind "
+                      f"{measured.compute_s * 1e3:.3g} ms of compute at P={ranks}")
+    per_layer, comm_s, codec_s = {}, 0.0, 0.0
+    for layer, costs in measured.layers.items():
+        seconds = {cand: _exchange_s(c, ranks, network) + c.codec_s for cand, c in costs.items()}
+        best = min(seconds, key=seconds.get)
+        per_layer[layer] = best
+        comm_s += seconds[best] - costs[best].codec_s
+        codec_s += costs[best].codec_s
+    step = measured.compute_s + codec_s + exposed(comm_s, measured.compute_s, overlap)[0]
+    counts = ", ".join(f"{cand} ×{n}" for cand, n in Counter(per_layer.values()).most_common())
+    return Choice(per_layer, step, dense_step,
+                  f"per layer {counts}: predicted {step * 1e3:.3g} ms/step vs dense {dense_step * 1e3:.3g} ms "
+                  f"at P={ranks} on {network.inter}")
+
+
+def probe_link(communicator: Any, nbytes: int = PROBE_BYTES) -> Link:
+    """α from a one-float allreduce, bandwidth from a `nbytes` ring allreduce (2(P−1)/P·n bytes
+    per rank), best of three each; every rank must call it."""
+    ranks = communicator.size
+
+    def best(tensor: torch.Tensor) -> float:
+        times = []
+        for i in range(3):
+            start = time.perf_counter()
+            communicator.allreduce_async(tensor, name=f"hpctrain.auto.probe.{tensor.numel()}.{i}").wait()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    small = best(torch.zeros(1))
+    large = best(torch.zeros(nbytes // 4))
+    steps = max(1, 2 * (ranks - 1))
+    latency = small / steps
+    moved = 2 * (ranks - 1) / ranks * nbytes if ranks > 1 else nbytes
+    return Link(8 * moved / max(large - steps * latency, 1e-9), latency)
+
+
+class AutoCompression:
+    """Decides per layer when due (see the module docstring); one per optimizer."""
+
+    def __init__(self, candidates: Mapping[str, Compressor | None], warmup_steps: int, link: str = "auto",
+                 overlap: float = DEFAULT_OVERLAP, ranks_per_node: int = 1):
+        self.candidates = dict(candidates)
+        self.warmup_steps = max(warmup_steps, 3)     # dense steps first: a few, to measure after
+        self.link = link
+        self.overlap = overlap
+        self.ranks_per_node = ranks_per_node
+        self.global_batch: int | None = None          # at the last decision
+        self.choice: Choice | None = None
+
+    def due(self, step: int, global_batch: int) -> bool:
+        """Whether to decide at this step boundary (`step`: optimizer steps done)."""
+        return step >= self.warmup_steps and (self.choice is None or global_batch != self.global_batch)
+
+    def network(self, communicator: Any) -> Network:
+        inter = probe_link(communicator) if self.link == "auto" else Link.parse(self.link)
+        return Network(inter, ranks_per_node=self.ranks_per_node, label=self.link)
+
+    def decide(self, optimizer: Any, grads: Mapping[str, torch.Tensor], compute_s: float, global_batch: int,
+               step: int) -> dict[str, Any]:
+        """Every rank: rank 0 measures and chooses, the choice is broadcast, every rank sets its
+        compressors. Returns the `events` row: {"step", "kind": "compression", "reason"}."""
+        from hpctrain import comm
+
+        communicator = comm.get()
+        network = self.network(communicator)          # collective when probing: every rank
+        choice = None
+        if communicator.rank == 0:
+            layers = {n: g for n, g in grads.items() if optimizer.compressor_names.get(n, "dense") != "dense"}
+            choice = choose(Measured(compute_s, measure_layers(layers, self.candidates)), communicator.size,
+                            network, self.overlap)
+        choice = communicator.broadcast_object(choice, root=0, name=f"hpctrain.auto.{step}")
+        optimizer.set_compressors({n: self.candidates[c] for n, c in choice.per_layer.items()})
+        self.choice, self.global_batch = choice, global_batch
+        return {"step": step, "kind": "compression", "reason": f"auto (global batch {global_batch}): {choice.reason}"}
+
+
+def auto_from_config(cfg: Any, ranks_per_node: int = 1) -> AutoCompression | None:
+    """The `[compression]` table's AutoCompression when `name = "auto"`, else None."""
+    if cfg.name != "auto":
+        return None
+    names = tuple(n for n in CANDIDATES if n != "none")
+    return AutoCompression({"none": None, **build_candidates(names, cfg.options)}, cfg.warmup_steps, cfg.link,
+                           ranks_per_node=ranks_per_node)

@@ -1,0 +1,75 @@
+"""`compression = "auto"` on real ranks, launched by tests/test_auto.py under mpirun:
+
+    python auto_checks.py decide     dense warm-up, rank 0 measures and picks per layer, every rank
+                                     applies the same choice and trains on with identical parameters;
+                                     a larger global batch decides again; the link is probed
+
+Rank 0 prints one `ok ...` line per check and an `event ...` line per decision.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from hpctrain import comm
+from hpctrain.cli import run_guarded
+from hpctrain.compression import Policy
+from hpctrain.compression.auto import AutoCompression, build_candidates
+from hpctrain.compression.policy import DENSE
+from hpctrain.optimizer import DistributedOptimizer
+
+from optimizer_checks import MIN_NUMEL, batch, loss_of, make_model, ok
+
+
+def decide_checks() -> None:
+    for link in ("auto", "1mbit"):
+        decide(link)
+
+
+def decide(link: str) -> None:
+    model = make_model()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                               [(f"{link}.{n}", p) for n, p in model.named_parameters()],
+                               compression=Policy(default=DENSE, min_numel=MIN_NUMEL))
+    auto = AutoCompression(build_candidates(), warmup_steps=3, link=link)
+    events, batch_size = [], 8
+    for step in range(12):
+        if step == 8:
+            batch_size = 32                     # batch growth: the ratio of compute to communication changes
+        start = time.perf_counter()
+        loss_of(model, *batch(step, size=batch_size)).backward()
+        opt.synchronize()
+        stats = opt.new_step_stats()
+        with opt.skip_synchronize():
+            opt.step()
+        step_s = time.perf_counter() - start
+        if auto.due(step + 1, batch_size * comm.size()):
+            grads = {f"{link}.{n}": p.grad.detach().clone() for n, p in model.named_parameters()}
+            events.append(auto.decide(opt, grads, step_s - stats.comm_time_s, batch_size * comm.size(), step + 1))
+            names = comm.get().allgather_object(opt.compressor_names)
+            assert all(n == names[0] for n in names), f"ranks disagree on the choice: {names}"
+        opt.zero_grad()
+    assert [e["step"] for e in events] == [3, 9], events
+    assert all(e["kind"] == "compression" and ("per layer" in e["reason"] or "dense everywhere" in e["reason"])
+               for e in events), events
+    if link == "1mbit":                # a slow link: some layer must be compressed, and training goes on
+        assert set(auto.choice.per_layer.values()) != {"none"}, auto.choice
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    everyone = comm.get().allgather_object(params)
+    assert all(torch.equal(t[n], params[n]) for t in everyone for n in params), "parameters differ between ranks"
+    if comm.rank() == 0:
+        for event in events:
+            print("event", event, flush=True)
+        print("choice", auto.choice.per_layer, flush=True)
+    opt.remove_hooks()
+    ok(f"auto link={link}: decided after the warm-up and again on batch growth; every rank applied the same choice; "
+       "parameters identical")
+
+
+CHECKS = {"decide": decide_checks}
+
+if __name__ == "__main__":
+    comm.init()
+    sys.exit(run_guarded(CHECKS[sys.argv[1]]))

@@ -1,0 +1,95 @@
+"""`compression = "auto"` (hpctrain/compression/auto.py): the decision on injected and real
+measurements, rebuilding compressors without losing residuals, and a real 2-rank run per engine."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from hpctrain.compression import AdaComp, Policy, TopK
+from hpctrain.compression.auto import (AutoCompression, LayerCost, Measured, auto_from_config, build_candidates,
+                                       choose, measure_layers)
+from hpctrain.compression.policy import DENSE, policy_from_config
+from hpctrain.config import CompressionConfig
+from hpctrain.cost import Link, Network
+from tests.helpers import REPO, run_mpi
+
+LAYER = {"none": LayerCost(4e6, "allreduce", 0.0), "fp16": LayerCost(2e6, "allreduce", 1e-4),
+         "adacomp": LayerCost(2e4, "allgather", 2e-3)}
+
+
+def test_slow_link_picks_the_sparse_compressor_fast_link_with_compute_stays_dense() -> None:
+    measured = Measured(compute_s=0.01, layers={"fc.weight": dict(LAYER)})
+    slow = choose(measured, ranks=8, network=Network(Link.parse("1gbit")))
+    assert slow.per_layer == {"fc.weight": "adacomp"} and "adacomp ×1" in slow.reason
+    assert slow.predicted_step_s < slow.dense_step_s
+    fast = choose(Measured(compute_s=0.5, layers={"fc.weight": dict(LAYER)}), 8, Network(Link.parse("200gbit")))
+    assert fast.per_layer == {"fc.weight": "none"} and "hides behind" in fast.reason
+
+
+def test_many_ranks_turn_the_allgather_back_to_fp16() -> None:
+    """The fan-in: (P−1)·k grows with P, fp16's allreduce does not."""
+    measured = Measured(compute_s=0.0, layers={"fc.weight": dict(LAYER)})
+    network = Network(Link.parse("10gbit"))
+    assert choose(measured, 4, network).per_layer["fc.weight"] == "adacomp"
+    assert choose(measured, 4096, network).per_layer["fc.weight"] == "fp16"
+
+
+def test_measure_layers_times_real_codecs_and_counts_their_payloads() -> None:
+    grads = {"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(0))}
+    costs = measure_layers(grads, build_candidates())["w"]
+    assert costs["none"] == LayerCost(256 * 256 * 4, "allreduce", 0.0)
+    assert costs["fp16"].wire_bytes == 256 * 256 * 2 and costs["fp16"].kind == "allreduce"
+    assert costs["adacomp"].kind == "allgather" and costs["adacomp"].wire_bytes < 256 * 256 * 4 / 10
+    assert costs["lowrank"].kind == "allreduce" and costs["lowrank"].wire_bytes < 256 * 256 * 4 / 10
+    assert all(costs[c].codec_s > 0 for c in ("fp16", "adacomp", "threshold", "lowrank"))
+
+
+def test_due_after_the_warmup_and_when_the_global_batch_changes() -> None:
+    auto = AutoCompression({"none": None}, warmup_steps=0)
+    assert auto.warmup_steps == 3 and not auto.due(2, 64) and auto.due(3, 64)
+    auto.global_batch, auto.choice = 64, object()
+    assert not auto.due(10, 64) and auto.due(10, 128)
+
+
+def test_config_auto_starts_dense_and_builds_the_chooser() -> None:
+    cfg = CompressionConfig(name="auto", warmup_steps=5, link="1gbit")
+    assert policy_from_config(cfg).default is DENSE
+    auto = auto_from_config(cfg)
+    assert auto.warmup_steps == 5 and set(auto.candidates) == {"none", "fp16", "adacomp", "threshold", "lowrank"}
+    assert auto_from_config(CompressionConfig(name="topk")) is None
+
+
+def test_changing_compressor_carries_the_residual_into_the_next_gradient() -> None:
+    from hpctrain.optimizer import DistributedOptimizer
+
+    layer = nn.Linear(64, 64, bias=False)
+    opt = DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), layer.named_parameters(),
+                               compression=Policy(default=TopK(0.1), min_numel=16))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    layer(x).square().sum().backward()
+    opt.step()
+    held = opt._states[layer.weight].residual.clone()
+    assert held.abs().sum() > 0
+    opt.zero_grad()
+    opt.set_compressors({"weight": None})               # dense fp32: no error feedback
+    assert opt.compressor_names == {"weight": "none"} and opt._states[layer.weight].residual is None
+    layer(x).square().sum().backward()
+    fresh = layer.weight.grad.clone()
+    opt.step()
+    assert torch.allclose(layer.weight.grad, fresh + held, atol=1e-6)     # nothing lost
+    opt.zero_grad()
+    opt.set_compressors({"weight": AdaComp()})           # error feedback again: starts empty, memory reset
+    assert opt.compressor_names == {"weight": "adacomp"} and opt._states[layer.weight].memory is None
+    opt.remove_hooks()
+
+
+@pytest.mark.mpi
+def test_two_ranks_agree_on_the_choice(engine) -> None:
+    worker = [sys.executable, str(REPO / "tests" / "mpi_workers" / "auto_checks.py")]
+    proc = run_mpi(2, ["decide"], program=worker, timeout=300, engine=engine)
+    passed = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
+    assert any(line.startswith("ok auto link=auto:") for line in passed), proc.stdout
+    assert any(line.startswith("ok auto link=1mbit:") for line in passed), proc.stdout
