@@ -39,6 +39,7 @@ from hpctrain import __version__, checkpoint, comm, preempt, rundir
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats, GradNormObserver
 from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
+from hpctrain.compression.auto import auto_from_config
 from hpctrain.config import Config, task_for
 from hpctrain.data import Dataset, filtering, load_splits
 from hpctrain.data.sampler import GlobalBatchSampler
@@ -175,6 +176,9 @@ class Trainer:
             compression=policy_from_config(cfg.compression),
             backward_passes_per_step=cfg.train.backward_passes_per_step, fusion=cfg.train.fusion,
             max_grad_norm=cfg.train.max_grad_norm or None)
+        self.auto = auto_from_config(cfg.compression, comm.local_size())    # compression.name = "auto"
+        if self.auto is not None:
+            self.auto.attach(self.optimizer)
         self.train_positions = filtering.training_positions(self.splits.train, cfg.data)
         self.pruning = filtering.dynamic_pruning(self.splits.train, self.train_positions, cfg.data, cfg.run.seed)
         self.loss_weights: np.ndarray | None = None     # per train position, set each epoch by dynamic pruning
@@ -429,6 +433,10 @@ class Trainer:
                 if decision is not None:
                     self._apply_batch(decision)
                     bar.total = bar.n + self.sampler.steps_left(p.global_batch)
+                if self.auto is not None:         # after the batch decision: a new batch, a new choice
+                    row = self.auto.step_done(p.step, p.global_batch, step_time, stats.comm_time_s)
+                    if row is not None and self.root:
+                        self.log.append("events", row)
                 if cfg.checkpoint.every_steps and p.step % cfg.checkpoint.every_steps == 0:
                     self._save()
         return self.sampler.exhausted()

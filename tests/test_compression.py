@@ -442,7 +442,7 @@ def test_policy_from_config_builds_every_compressor(name):
         "adacomp": {"conv_bin": 7, "quantize": False}, "threshold": {"density": 0.25},
         "lowrank": {"rank": 2}, "topk": {"ratio": 0.5}}}).compression
     policy = policy_from_config(cfg)
-    expected = {"none": type(None), "fp16": FP16, "topk": TopK, "adacomp": AdaComp,
+    expected = {"none": type(None), "auto": NoCompression, "fp16": FP16, "topk": TopK, "adacomp": AdaComp,
                 "threshold": Threshold, "lowrank": LowRank, "signsgd": SignSGD}[name]
     assert isinstance(policy.default, expected) and policy.min_numel == 10
     assert policy.rules["*.bias"] is None and isinstance(policy.rules["head.*"], FP16)
@@ -475,7 +475,7 @@ def test_signsgd_sends_one_bit_per_entry_and_keeps_what_the_sign_missed(block):
 
 def test_a_compressor_is_one_file_and_one_registration_line():
     """The registry names every compressor a config can use; each builds from its own fields."""
-    assert set(registry.NAMES) == {"none", "fp16", "topk", "threshold", "adacomp", "lowrank", "signsgd"}
+    assert set(registry.NAMES) == {"none", "auto", "fp16", "topk", "threshold", "adacomp", "lowrank", "signsgd"}
     for name in registry.COMPRESSORS:
         cls = registry.compressor_class(name)
         assert cls.name == name and isinstance(registry.build(name), cls)

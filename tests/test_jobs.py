@@ -420,7 +420,8 @@ def test_slurm_walltime_signal_checkpoints_and_requeues(slurm, tmp_path, monkeyp
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     monkeypatch.setenv("HPCTRAIN_BACKEND", "auto")
-    args = parse("--site", "local", "--out-dir", str(tmp_path), "--walltime", "0:01", "--set", "train.epochs=100000",
+    args = parse("--site", "local", "--python", sys.executable, "--out-dir", str(tmp_path), "--walltime", "0:01",
+                 "--set", "train.epochs=100000",
                  "--set", "train.progress=false", "--set", "checkpoint.every_epochs=0", action="submit")
     assert args.func(args) == 0
     job_id = capsys.readouterr().out.strip()

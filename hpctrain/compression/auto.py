@@ -17,6 +17,10 @@ not). The choice (layer name → candidate name) is broadcast, and every rank re
 per-parameter compressors (`DistributedOptimizer.set_compressors`: residuals of layers whose
 compressor changes go into their next gradient, so nothing is lost). `decide` returns the event
 row the trainer logs in the step log's `events` group, its reason naming the choice.
+
+The trainer's part: `auto = auto_from_config(cfg.compression, comm.local_size())`, then
+`auto.attach(optimizer)` once and, after each step, `row = auto.step_done(step, global_batch,
+step_s, comm_s)`, appending `row` to `events` when it is not None.
 """
 from __future__ import annotations
 
@@ -164,8 +168,9 @@ class AutoCompression:
 
     def decide(self, optimizer: Any, grads: Mapping[str, torch.Tensor], compute_s: float, global_batch: int,
                step: int) -> dict[str, Any]:
-        """Every rank: rank 0 measures and chooses, the choice is broadcast, every rank sets its
-        compressors. Returns the `events` row: {"step", "kind": "compression", "reason"}."""
+        """Every rank: rank 0 measures `grads` (its own) and chooses, the choice is broadcast,
+        every rank sets its compressors. Returns the step log's `events` row (its columns as
+        batch growth writes them; `statistic` = predicted speedup over dense)."""
         from hpctrain import comm
 
         communicator = comm.get()
@@ -178,7 +183,39 @@ class AutoCompression:
         choice = communicator.broadcast_object(choice, root=0, name=f"hpctrain.auto.{step}")
         optimizer.set_compressors({n: self.candidates[c] for n, c in choice.per_layer.items()})
         self.choice, self.global_batch = choice, global_batch
-        return {"step": step, "kind": "compression", "reason": f"auto (global batch {global_batch}): {choice.reason}"}
+        lr = optimizer.param_groups[0]["lr"]
+        return {"step": step, "old_batch": global_batch, "new_batch": global_batch, "old_lr": lr, "new_lr": lr,
+                "reason": f"compression auto (global batch {global_batch}): {choice.reason}",
+                "statistic": choice.dense_step_s / choice.predicted_step_s}
+
+    # -- the trainer's interface: attach once, then step_done at every step boundary -------------
+    def attach(self, optimizer: Any) -> None:
+        """Watch `optimizer`'s gradients (a `GradientObserver`): rank 0 keeps a copy of the gradients
+        of the step before a decision, its real gradients to measure the codecs on."""
+        from hpctrain import comm
+
+        self._optimizer, self._root, self._armed, self._grads = optimizer, comm.get().rank == 0, False, {}
+        self._names = {p: n for g in optimizer.param_groups for p in g["params"]
+                       for n in [optimizer._names.get(p)] if n is not None}
+        self._handle = optimizer.register_gradient_observer(self)
+
+    def before_exchange(self, param: torch.Tensor, grad: torch.Tensor, sqnorm: torch.Tensor) -> None:
+        if self._armed and self._root and not grad.is_sparse:
+            self._grads[self._names[param]] = grad.detach().clone()
+
+    def after_exchange(self, params: list[torch.Tensor]) -> None:
+        pass
+
+    def step_done(self, step: int, global_batch: int, step_s: float, comm_s: float) -> dict[str, Any] | None:
+        """After every optimizer step, on every rank (`step`: steps done, `global_batch`: that
+        step's). Decides when due and this step's gradients were kept; returns the `events` row
+        then, else None. Arms the capture for the next step the same way on every rank."""
+        row = None
+        if self._armed and self.due(step, global_batch):
+            row = self.decide(self._optimizer, self._grads, max(step_s - comm_s, 0.0), global_batch, step)
+        self._grads = {}
+        self._armed = self.due(step + 1, global_batch)
+        return row
 
 
 def auto_from_config(cfg: Any, ranks_per_node: int = 1) -> AutoCompression | None:

@@ -15,7 +15,8 @@ Layout of a shard directory DIR (schema `SCHEMA_VERSION`):
 
 The manifest's `task` is "classification" (schema 1; a manifest without `task` is one) or
 "regression" (schema 2, with `target_shape` and `target_range` [min, max] over every target, the
-PSNR peak). `hpctrain shard --task auto` decides by y: integer (or whole-number) 1-D is class labels.
+PSNR peak). A file's y is read as class labels unless `hpctrain shard --task regression` (or
+`--task auto`: integer or whole-number 1-D y is class labels, anything else regression).
 
 Every file is written under a temporary name and renamed, so a crash never leaves a file that
 looks complete. Under mpirun rank r writes shards r, r+size, ...; rank 0 writes index and manifest.
@@ -511,18 +512,18 @@ def load_shard_splits(path: Path, data_cfg, seed: int = 0, task: str | None = "c
     """Train/val of a shard directory: its own val shards, else a seeded `data.val_fraction` holdout.
     `task` (what the loss needs) must be the manifest's; None takes the manifest's."""
     d = open_directory(path)
-    held = d.manifest.get("task", "classification")
-    if task is not None and task != held:
-        fix = ("use train.loss = \"mse\" or \"l1\"" if held == "regression" else
+    stored = d.manifest.get("task", "classification")
+    if task is not None and task != stored:
+        fix = ("use train.loss = \"mse\" or \"l1\"" if stored == "regression" else
                f"re-shard with `hpctrain shard --input {d.manifest.get('source', 'SRC')} --out {path} --task regression "
                "--overwrite` (class labels become float targets)")
-        raise UserError(f"{path} holds {held} targets but the loss needs {task} ones; {fix}")
+        raise UserError(f"{path} holds {stored} targets but the loss needs {task} ones; {fix}")
     train = np.flatnonzero(d.split == "train")
     val = np.flatnonzero(d.split == "val")
     if len(val) == 0:
         keep, held = holdout_positions(len(train), data_cfg.val_fraction, seed)
         train, val = train[keep], train[held]
-    if held == "regression":
+    if stored == "regression":
         return Splits(d.view(train), d.view(val), num_classes=0, input_shape=tuple(d.manifest["sample_shape"]),
                       task="regression", target_shape=tuple(d.manifest["target_shape"]),
                       target_range=tuple(d.manifest["target_range"]))
@@ -564,7 +565,10 @@ def shard(src: str, out: str | Path, shard_size: int = 10000, compression: str =
         raise UserError(f"--chunk-kib {chunk_kib} must be at least 1")
     if task not in (None, "auto", "classification", "regression"):
         raise UserError(f"--task {task!r}: choose auto, classification or regression")
-    with open_source(src, labels, num_samples, None if task == "auto" else task) as sources:
+    # A file's y is class labels unless told otherwise (a fraction stays a one-line error);
+    # built-in datasets bring their own task.
+    file_task = {None: "classification", "auto": None}.get(task, task)
+    with open_source(src, labels, num_samples, file_task) as sources:
         check_consistent_sources(sources, src)
         if rank == 0:
             prepare_out_dir(out, overwrite)
@@ -609,9 +613,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"uncompressed KiB per HDF5 chunk, the unit of reading (default {CHUNK_KIB}); "
                              "smaller suits random access to sets much larger than the read cache")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
-    parser.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
-                        help="what y holds: class labels (int64, 1-D) or float targets of any shape; auto "
-                             "(default) decides by y: integer or whole-number 1-D y is class labels")
+    parser.add_argument("--task", choices=["auto", "classification", "regression"], default=None,
+                        help="what a file's y holds: class labels (int64, 1-D; the default, a fraction is an "
+                             "error) or float targets of any shape (regression); auto decides by y (integer or "
+                             "whole-number 1-D: class labels). Built-in datasets bring their own")
     parser.set_defaults(func=_cmd_write)
     sub = parser.add_subparsers(dest="action", metavar="[verify DIR]")
     check = sub.add_parser("verify", help="check every shard against the manifest (sizes, SHA-256, structure)")
