@@ -43,6 +43,7 @@ SCHEMA_VERSION = 1
 PROBE_TIMEOUT_S = float(os.environ.get("HPCTRAIN_LOG_PROBE_TIMEOUT", "20"))
 
 _STR = h5py.string_dtype("utf-8", 96)
+_REASON = h5py.string_dtype("utf-8", 512)     # an event says why: a batch decision, or auto's choice per layer
 STEP_COLUMNS: dict[str, Any] = {
     "step": np.int64, "epoch": np.int64, "loss": np.float64, "lr": np.float64,
     "global_batch": np.int64, "samples_seen": np.int64, "step_time_s": np.float64,
@@ -54,7 +55,7 @@ EVAL_COLUMNS: dict[str, Any] = {
 }
 EVENT_COLUMNS: dict[str, Any] = {
     "step": np.int64, "old_batch": np.int64, "new_batch": np.int64, "old_lr": np.float64,
-    "new_lr": np.float64, "reason": _STR, "statistic": np.float64,
+    "new_lr": np.float64, "reason": _REASON, "statistic": np.float64,
 }
 LAYER_COLUMNS: dict[str, Any] = {
     "step": np.int64, "name": _STR, "compressor": _STR, "wire_bytes": np.int64,
