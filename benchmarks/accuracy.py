@@ -35,7 +35,7 @@ from hpctrain.compression.registry import NAMES  # noqa: E402
 from hpctrain.config import load_config  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
 from hpctrain.models import build_model  # noqa: E402
-from tests.helpers import MPIRUN_LOCAL  # noqa: E402
+from hpctrain.local_launch import MPIRUN_LOCAL  # noqa: E402
 
 METHODS = list(NAMES)
 OPTIMIZERS = {"sgd": ['train.optimizer="sgd"', "train.lr=0.1", "train.momentum=0.9"],

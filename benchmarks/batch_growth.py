@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from hpctrain.batch.orchestrator import scaled_lr  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
-from tests.helpers import run_mpi  # noqa: E402
+from hpctrain.local_launch import run_mpi  # noqa: E402
 
 SMALL, LARGE = 32, 512
 BASE_LR = 0.002       # configs/mnist1d.toml's Adam LR (0.004 at batch 128), sqrt-scaled to batch 32

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpctrain.compression import FP16, AdaComp, Collective, LowRank, NoCompression, ParamState, Threshold, TopK, simulate  # noqa: E402
 from hpctrain.compression.base import Compressor  # noqa: E402
-from tests.helpers import heavy_tailed_grads  # noqa: E402
+from hpctrain.compression.synthetic import heavy_tailed_grads  # noqa: E402
 
 DATA = ("noise", "gradient-like")
 COLUMNS = 1000          # gradients are [numel / 1000, 1000] matrices ("fc"), or [numel / 1000, 100, 10] ("conv")

@@ -30,7 +30,7 @@ from hpctrain.batch.orchestrator import scaled_lr  # noqa: E402
 from hpctrain.config import DataConfig  # noqa: E402
 from hpctrain.data import load_splits  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
-from tests.helpers import run_mpi  # noqa: E402
+from hpctrain.local_launch import run_mpi  # noqa: E402
 
 CONFIG = REPO / "configs" / "mnist1d.toml"
 BASE_LR, BASE_BATCH, LARGE_BATCH, KEEP = 0.005, 128, 1024, 0.7

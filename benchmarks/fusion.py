@@ -44,7 +44,7 @@ from hpctrain import comm  # noqa: E402
 from hpctrain.cli import run_guarded  # noqa: E402
 from hpctrain.compression import registry  # noqa: E402
 from hpctrain.optimizer import DistributedOptimizer  # noqa: E402
-from tests.helpers import MPIRUN, MPIRUN_LOCAL  # noqa: E402
+from hpctrain.local_launch import MPIRUN, MPIRUN_LOCAL  # noqa: E402
 
 MODES = ("none", "backward", "forward")
 INPUTS, CLASSES = 1024, 10

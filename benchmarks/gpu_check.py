@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import codec, fusion  # noqa: E402
 from hpctrain import comm  # noqa: E402
+from hpctrain.atomic import write_atomic  # noqa: E402
 from hpctrain.cli import run_guarded  # noqa: E402
 from hpctrain.compression import Policy, policy_from_config  # noqa: E402
 from hpctrain.config import COMPRESSOR_NAMES, CompressionConfig  # noqa: E402
@@ -819,9 +820,7 @@ def write_report(out: Path, meta: dict[str, Any], results: list[CheckResult], pl
     doc = {"meta": meta, "planned": planned, "exit_code": verdict(results), "checks": [asdict(r) for r in results]}
     for name, text in (("gpu_check.json", json.dumps(doc, indent=1, default=str)),
                        ("gpu_check.md", render_markdown(meta, results, planned))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_atomic(out / name, text)
 
 
 CHECK_BODIES: dict[str, Callable[[Context, CheckResult], None]] = {

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import netns  # noqa: E402
 from hpctrain.errors import UserError  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
-from tests.helpers import run_mpi  # noqa: E402
+from hpctrain.local_launch import run_mpi  # noqa: E402
 
 CONFIG = REPO / "configs" / "mnist1d.toml"
 PEER = REPO / "benchmarks" / "ddp_powersgd.py"

@@ -9,7 +9,7 @@ shares one link of the chosen rate:
         run_mpi(4, [...])          # processes started here live in the namespace
 
 `entered()` moves the calling thread into the namespace (setns(2)) and back afterwards, so the
-shared launcher (`tests.helpers.run_mpi`) is used unchanged. The namespace is deleted on exit,
+shared launcher (`hpctrain.local_launch.run_mpi`) is used unchanged. The namespace is deleted on exit,
 on exceptions, on Ctrl-C and on SIGTERM; namespaces left behind by a killed run (its pid gone)
 are removed the next time one is created. Needs root (CAP_SYS_ADMIN): elsewhere creating one
 raises `NetnsUnavailable` with the reason, which tests turn into a skip.
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from hpctrain.errors import UserError
+from hpctrain.rundir import pid_alive
 
 PREFIX = "hpctrain-bench"
 # A token bucket big enough for TCP bursts at these rates: a small burst/limit drops packets,
@@ -72,23 +73,13 @@ def exists(name: str) -> bool:
     return name in {line.split()[0] for line in listing.splitlines() if line.strip()}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale() -> list[str]:
     """Delete namespaces this module created in processes that no longer exist (killed runs)."""
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
     removed = []
     for line in listing.splitlines():
         match = re.match(rf"({PREFIX}-(\d+)-\d+)\b", line)
-        if match and not _pid_alive(int(match.group(2))):
+        if match and not pid_alive(int(match.group(2))):
             subprocess.run(teardown_command(match.group(1)), capture_output=True, check=False)
             removed.append(match.group(1))
     return removed

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 HERE = REPO / "benchmarks"
+
+from hpctrain.atomic import write_atomic  # noqa: E402
 # Modules here that are not benchmarks of their own (helpers, the peer, this file) or that
 # `jobs` runs with chosen arguments.
 NOT_DISCOVERED = {"run_all", "netns", "ddp_powersgd", "link", "codec"}
@@ -115,12 +118,6 @@ def render(sections: list[tuple[Job, str, int, float]], started: str, loads: tup
     return "\n".join(out)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="write the results here (Markdown); without it, only print")
@@ -142,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     before = os.getloadavg()[0]
     sections = [(job, *run(job)) for job in todo]
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, render(sections, started, (before, os.getloadavg()[0])))
         print(f"\nwrote {args.out}")
     failed = [job.name for job, _, status, _ in sections if status != 0]

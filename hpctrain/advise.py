@@ -282,9 +282,9 @@ def _advise(args: argparse.Namespace) -> int:
 
 def panel(log: Path, ranks: str = "4,64,1024,8192", link: str = "1gbit,25gbit,200gbit", ranks_per_node: int = 1,
           overlap: float = DEFAULT_OVERLAP, measure_here: bool = False) -> str:
-    """The advice for `hpctrain report`: a Markdown section (heading, the CLI's tables in a fenced
-    block). By default codec times are modelled and missing ratios assumed (`--no-measure`), so
-    a report renders in well under a second; errors (no per-layer rows, ...) become its text."""
+    """The advice for `hpctrain report`: the CLI's tables as plain text. By default codec times are
+    modelled and missing ratios assumed (`--no-measure`), so a report renders in well under a
+    second; errors (no per-layer rows, ...) become its text."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(log), "--ranks", ranks, "--link", link, "--ranks-per-node", str(ranks_per_node),
@@ -295,7 +295,7 @@ def panel(log: Path, ranks: str = "4,64,1024,8192", link: str = "1gbit,25gbit,20
         body = "\n".join(report(profile, networks(args), overlap))
     except UserError as exc:
         body = f"no advice: {exc}"
-    return f"## Does compression pay? (`hpctrain advise`)\n\n```\n{body}\n```\n"
+    return body
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,15 +12,13 @@ new one (`MUST_MATCH` keys must be equal; the rest may change and are reported a
 """
 from __future__ import annotations
 
-import errno
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from hpctrain.atomic import replacing
 from hpctrain.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -29,65 +27,6 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def free_space(path: Path) -> str:
-    """Free space on the file system holding `path` (or its nearest existing parent), readable."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        return "unknown"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if free < 1024 or unit == "TiB":
-            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-        free /= 1024
-    return "unknown"
-
-
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """An exception that means the disk (or quota) is full; torch wraps the OSError in a RuntimeError."""
-    for e in (exc, exc.__cause__, exc.__context__):
-        if isinstance(e, OSError) and e.errno in _FULL:
-            return True
-    text = str(exc)
-    return any(s in text for s in ("No space left", "Disk quota exceeded", "file write failed",
-                                   "File too large", "errno = 28"))
-
-
-class DiskFull(UserError):
-    """A write ran out of space: one line naming the path and the free space."""
-
-
-def disk_full(path: Path, what: str = "") -> DiskFull:
-    return DiskFull(f"disk full writing {path}{what} ({free_space(path)} free there); the previous files "
-                    f"are intact and the partial one was removed: free some space, then run again with "
-                    f"--resume=auto")
-
-
-def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(f)` into a temp file next to `path`, fsync, rename; on any failure the temp file is removed
-    (a full disk becomes `DiskFull`)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(exc, Exception) and is_disk_full(exc):
-            raise disk_full(path) from None
-        raise
 
 
 def remove_temp_files(run_dir: Path) -> list[Path]:
@@ -101,15 +40,9 @@ def remove_temp_files(run_dir: Path) -> list[Path]:
 
 def save(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
     """Write `state` atomically as step-<step>.pt and keep only the newest `keep` checkpoints."""
-    directory = checkpoint_dir(run_dir)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full(directory) from None
-        raise
-    path = directory / f"step-{step:09d}.pt"
-    write_atomic(path, lambda f: torch.save(dict(state, schema_version=SCHEMA_VERSION, step=step), f))
+    path = checkpoint_dir(run_dir) / f"step-{step:09d}.pt"
+    with replacing(path, fsync=True) as tmp:
+        torch.save(dict(state, schema_version=SCHEMA_VERSION, step=step), tmp)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
+from hpctrain.atomic import disk_full, is_disk_full, rename_aside, replacing
 from hpctrain.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -88,18 +89,10 @@ class StepLog:
             except UserError as exc:
                 self.damage = str(exc)
                 self.set_aside_to = set_aside(self.path)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        try:
+        with replacing(self.path) as tmp:
             self._write_initial(tmp, attrs, previous, resume_rows)
-            os.replace(tmp, self.path)
-            self._file = h5py.File(self.path, "a", libver="latest")
-            self._file.swmr_mode = True      # from here on only appends: readers may follow along
-        except Exception as exc:
-            tmp.unlink(missing_ok=True)
-            if _disk_full(exc):
-                from hpctrain.checkpoint import disk_full
-                raise disk_full(self.path) from None
-            raise
+        self._file = h5py.File(self.path, "a", libver="latest")
+        self._file.swmr_mode = True      # from here on only appends: readers may follow along
 
     @staticmethod
     def _write_initial(tmp: Path, attrs: Mapping[str, Any] | None, previous: dict[str, Any] | None,
@@ -148,8 +141,7 @@ class StepLog:
                 ds[n:] = [_fit(r[column], ds.dtype) for r in rows]
             self._file.flush()
         except Exception as exc:
-            if _disk_full(exc):
-                from hpctrain.checkpoint import disk_full
+            if is_disk_full(exc):
                 raise disk_full(self.path) from None
             raise
 
@@ -169,11 +161,6 @@ class StepLog:
 
 class DamagedLog(UserError):
     """A log that cannot be read (truncated, corrupt, or not HDF5)."""
-
-
-def _disk_full(exc: BaseException) -> bool:
-    from hpctrain.checkpoint import is_disk_full
-    return is_disk_full(exc)
 
 
 def _fit(value: Any, dtype: np.dtype) -> Any:
@@ -227,14 +214,7 @@ def check_log(path: str | Path, timeout: float | None = None) -> None:
 
 def set_aside(path: Path) -> Path:
     """Rename a damaged log to `<stem>.damaged-<UTC time>.h5` next to it (never deleted)."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = path.with_name(f"{path.stem}.damaged-{stamp}{path.suffix}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.stem}.damaged-{stamp}-{n}{path.suffix}")
-    os.rename(path, target)
-    return target
+    return rename_aside(path, "damaged")
 
 
 def read_log(path: str | Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hpctrain.atomic import rename_aside
 from hpctrain.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -39,7 +40,8 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (one we may not signal still counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +91,7 @@ class RunLock:
         if other.get("host") == self.info["host"] and isinstance(other.get("pid"), int):
             if other["pid"] == os.getpid():
                 return "it is this process's own"
-            if not _pid_alive(other["pid"]):
+            if not pid_alive(other["pid"]):
                 return f"pid {other['pid']} on {other['host']} is gone"
         if other.get("job_id") and other.get("job_id") == self.info["job_id"]:
             return f"job {other['job_id']} was requeued"
@@ -170,13 +172,7 @@ def holds_run(run_dir: Path) -> bool:
 def move_aside(run_dir: Path) -> Path:
     """Rename `run_dir` to a new sibling `<name>.old-<UTC time>` (never deletes); returns it."""
     run_dir = Path(run_dir)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}")
-    os.rename(run_dir, target)
+    target = rename_aside(run_dir, "old")
     run_dir.mkdir(parents=True)
     return target
 

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from hpctrain import __version__, checkpoint, comm, preempt, rundir
+from hpctrain.atomic import write_atomic
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats, GradNormObserver
 from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
@@ -47,7 +48,6 @@ from hpctrain.errors import AgreedError, UserError
 from hpctrain.h5log import StepLog
 from hpctrain.models import build_model
 from hpctrain.optimizer import DistributedOptimizer
-from hpctrain.commands.train import add_arguments, run  # noqa: F401  (moved there; tests/batch_probe.py)
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LOSSES = {"cross_entropy": nn.functional.cross_entropy, "mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
@@ -302,8 +302,7 @@ class Trainer:
         step_s = p.elapsed_s / max(p.step, 1)
         path = self.cfg.run_dir / "timing.json"
         try:
-            checkpoint.write_atomic(path, lambda f: f.write(
-                f'{{"checkpoint_s": {checkpoint_s:.3f}, "step_s": {step_s:.4f}}}\n'.encode()))
+            write_atomic(path, f'{{"checkpoint_s": {checkpoint_s:.3f}, "step_s": {step_s:.4f}}}\n')
         except UserError:       # a full disk here is not worth stopping for; the checkpoint is written
             pass
 

@@ -12,7 +12,8 @@ import sys
 
 from hpctrain import comm
 from hpctrain.config import check_world_size, load_config
-from hpctrain.train import Trainer, add_arguments
+from hpctrain.commands.train import add_arguments
+from hpctrain.train import Trainer
 
 
 def main() -> None:

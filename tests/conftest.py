@@ -9,7 +9,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 
-from tests.helpers import ENGINES  # noqa: E402
+from hpctrain.local_launch import ENGINES  # noqa: E402
 
 
 @pytest.fixture(params=ENGINES)

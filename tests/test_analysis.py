@@ -197,6 +197,8 @@ def test_report_cli_writes_html_csv_and_prints_the_table(logs, tmp_path):
     for (name, _), image in zip(PLOTS.items(), images):
         assert base64.b64decode(image.split("'", 1)[0]) == (out / f"{name}.png").read_bytes()
     assert "<table" in page and "time to target (s)" in page and "src='http" not in page
+    advice = page.split("Does compression pay?", 1)[1]      # hpctrain advise's panel, one per run
+    assert advice.count("<details>") >= len(logs) and "winner" in advice.split("<h2>Runs</h2>")[0]
 
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))

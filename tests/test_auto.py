@@ -14,7 +14,8 @@ from hpctrain.compression.auto import (AutoCompression, LayerCost, Measured, aut
 from hpctrain.compression.policy import DENSE, policy_from_config
 from hpctrain.config import CompressionConfig
 from hpctrain.cost import Link, Network
-from tests.helpers import REPO, run_mpi
+from hpctrain.local_launch import run_mpi
+from tests.helpers import REPO
 
 LAYER = {"none": LayerCost(4e6, "allreduce", 0.0), "fp16": LayerCost(2e6, "allreduce", 1e-4),
          "adacomp": LayerCost(2e4, "allgather", 2e-3)}

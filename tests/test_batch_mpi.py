@@ -12,7 +12,8 @@ import torch
 
 from hpctrain import checkpoint
 from hpctrain.h5log import read_log
-from tests.helpers import ENGINES, REPO, run_mpi
+from hpctrain.local_launch import ENGINES, run_mpi
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.mpi
 

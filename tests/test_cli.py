@@ -56,6 +56,3 @@ def test_help_does_not_import_torch(command, tmp_path):
 def test_train_command_lives_in_a_light_module():
     module, _ = COMMANDS["train"]
     assert module == "hpctrain.commands.train"
-    from hpctrain.commands import train as command
-    from hpctrain import train
-    assert train.add_arguments is command.add_arguments    # the old import path still works

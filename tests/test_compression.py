@@ -14,7 +14,7 @@ from hpctrain.compression import (FP16, AdaComp, Collective, LowRank, NoCompress
 from hpctrain.compression.base import Compressor
 from hpctrain.config import COMPRESSOR_NAMES, config_from_dict
 from hpctrain.errors import UserError
-from tests.helpers import heavy_tailed_grads
+from hpctrain.compression.synthetic import heavy_tailed_grads
 
 WORLD = 3
 CONV = (16, 8, 3)        # 384 entries: 7.68 bins of 50, so the last bin is ragged

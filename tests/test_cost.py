@@ -13,7 +13,7 @@ from hpctrain.cost import Layer, Link, Method, Network, parse_rate, predict, sit
 from hpctrain.cost import collectives as co
 from hpctrain.cost.methods import exchange_cost
 from hpctrain.errors import UserError
-from tests.helpers import run_cli
+from hpctrain.local_launch import run_cli
 
 GBIT = Link(1e9, 1e-6)          # β = 8 ns per byte, α = 1 µs
 NO_LATENCY = Link(1e9, 0.0)

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, run_torchrun
+from hpctrain.local_launch import run_torchrun
+from tests.helpers import REPO
 from tests.mpi_workers.optimizer_checks import COMPRESSORS
 
 WORKER = [sys.executable, str(REPO / "tests" / "mpi_workers" / "ddp_hook_checks.py")]

@@ -12,7 +12,8 @@ import pytest
 
 from hpctrain.comm import choose_engine, launcher
 from hpctrain.errors import UserError
-from tests.helpers import HPCTRAIN, MPIRUN, REPO, TORCHRUN, _env, run_cli, run_torchrun
+from hpctrain.local_launch import HPCTRAIN, MPIRUN, TORCHRUN, local_env, run_cli, run_torchrun
+from tests.helpers import REPO
 
 DIGITS = str(REPO / "configs" / "digits.toml")
 
@@ -82,7 +83,7 @@ def test_a_killed_rank_takes_the_torch_engine_job_down_within_60s(tmp_path, how)
     args = [str(a) for a in _train_args(tmp_path, "train.epochs=500", "checkpoint.every_epochs=0")]
     cmd = (TORCHRUN + ["--nproc-per-node", "2", "-m", "hpctrain"] if how == "torchrun"
            else MPIRUN + ["-np", "2"] + HPCTRAIN) + args
-    job = subprocess.Popen(cmd, cwd=REPO, env=_env({"HPCTRAIN_BACKEND": "torch"}), stdout=subprocess.PIPE,
+    job = subprocess.Popen(cmd, cwd=REPO, env=local_env({"HPCTRAIN_BACKEND": "torch"}), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         seen = []

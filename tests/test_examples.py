@@ -9,7 +9,8 @@ import pytest
 
 from hpctrain.data.shards import shard
 from hpctrain.h5log import read_log
-from tests.helpers import REPO, run_mpi, run_torchrun
+from hpctrain.local_launch import run_mpi, run_torchrun
+from tests.helpers import REPO
 
 EXAMPLES = REPO / "examples"
 

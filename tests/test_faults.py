@@ -25,7 +25,8 @@ from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
 from hpctrain.preempt import REQUEUE_EXIT_CODE
 from hpctrain.rundir import LOCK_NAME
-from tests.helpers import HPCTRAIN, MPIRUN, REPO, TORCHRUN, _env, run_cli
+from hpctrain.local_launch import HPCTRAIN, MPIRUN, TORCHRUN, local_env, run_cli
+from tests.helpers import REPO
 
 psutil = pytest.importorskip("psutil")
 
@@ -70,7 +71,7 @@ class Job:
 
     def __init__(self, cmd: list[str], env: dict[str, str] | None = None, run_dir: Path | None = None):
         self.log_inode = inode(run_dir / "log.h5") if run_dir else None
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=local_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         self.stdout = self.stderr = ""
 
@@ -397,5 +398,5 @@ def test_divergence_stops_before_a_checkpoint_one_message(tmp_path):
     record("non-finite validation loss", "one line, no checkpoint", None)
 
     proc = subprocess.run(MPIRUN_Q + ["-np", "2"] + HPCTRAIN + train_args(tmp_path, "train.epoch=3"), cwd=REPO,
-                          env=_env({"HPCTRAIN_BACKEND": "horovod"}), capture_output=True, text=True, timeout=120)
+                          env=local_env({"HPCTRAIN_BACKEND": "horovod"}), capture_output=True, text=True, timeout=120)
     assert "unknown key 'train.epoch'" in one_line(proc) and "[rank" not in proc.stderr

@@ -12,7 +12,7 @@ from hpctrain.config import DataConfig
 from hpctrain.data import filtering, load_splits, scoring, shards
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
-from tests.helpers import run_mpi
+from hpctrain.local_launch import run_mpi
 
 
 def random_problem(n: int = 503, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu_check import CHECKS, CheckResult, Table, parse_checks, render_markdown, run_check, verdict
-from tests.helpers import REPO, _env
+from hpctrain.local_launch import local_env
+from tests.helpers import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 SINGLE_PROCESS = [k for k in CHECKS if k != "ranks"]
@@ -19,7 +20,7 @@ SINGLE_PROCESS = [k for k in CHECKS if k != "ranks"]
 def _run_cpu_mode(out: Path, checks: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
     """The command CI runs, forced onto the CPU (CUDA hidden) as on a machine without a GPU."""
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--checks", ",".join(checks)],
-                          cwd=REPO, env=_env({"CUDA_VISIBLE_DEVICES": ""}), capture_output=True, text=True,
+                          cwd=REPO, env=local_env({"CUDA_VISIBLE_DEVICES": ""}), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"gpu_check exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     report = json.loads((out / "gpu_check.json").read_text())

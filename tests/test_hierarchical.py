@@ -12,7 +12,8 @@ from hpctrain.comm import nodes as node_layout
 from hpctrain.compression import AdaComp, Threshold, TopK, simulate
 from hpctrain.compression.base import ParamState
 from hpctrain.optimizer.hierarchical import Traffic, simulate_hierarchical
-from tests.helpers import REPO, run_mpi
+from hpctrain.local_launch import run_mpi
+from tests.helpers import REPO
 
 SPARSE = {"topk": lambda: TopK(0.05), "threshold": lambda: Threshold(density=0.05),
           "adacomp": lambda: AdaComp(conv_bin=5, fc_bin=50)}

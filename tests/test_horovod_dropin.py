@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import REPO, run_mpi
+from hpctrain.local_launch import run_mpi
+from tests.helpers import REPO
 
 WORKER = [sys.executable, str(REPO / "tests" / "mpi_workers" / "horovod_recipes.py")]
 ENGINES = ("horovod", "torch")

@@ -22,7 +22,8 @@ import pytest
 from hpctrain import jobs
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
-from tests.helpers import REPO, run_cli
+from hpctrain.local_launch import run_cli
+from tests.helpers import REPO
 from tests.slurm_cluster import SlurmCluster, install_packages
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -13,7 +13,8 @@ import pytest
 from benchmarks import netns
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
-from tests.helpers import REPO, run_mpi
+from hpctrain.local_launch import run_mpi
+from tests.helpers import REPO
 
 
 def test_setup_commands_throttle_loopback_inside_the_namespace():

@@ -15,7 +15,8 @@ from hpctrain.compression import NoCompression, Policy, TopK
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
 from hpctrain.optimizer import DistributedOptimizer, NonFiniteGradientError
-from tests.helpers import REPO, run_cli
+from hpctrain.local_launch import run_cli
+from tests.helpers import REPO
 from tests.mpi_workers.optimizer_checks import FUSIONS, OPTIMIZERS, train
 
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, run_mpi
+from hpctrain.local_launch import run_mpi
+from tests.helpers import REPO
 from tests.mpi_workers.optimizer_checks import COMPRESSORS, OPTIMIZERS
 
 pytestmark = pytest.mark.mpi

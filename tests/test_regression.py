@@ -14,7 +14,8 @@ from hpctrain.config import DataConfig, load_config
 from hpctrain.data import load_splits, shards
 from hpctrain.errors import UserError
 from hpctrain.h5log import EVAL_COLUMNS, StepLog, read_log
-from tests.helpers import REPO, run_cli, run_mpi
+from hpctrain.local_launch import run_cli, run_mpi
+from tests.helpers import REPO
 
 DIGITS = str(REPO / "configs" / "digits.toml")
 SMALL = ["train.epochs=2", "batch.initial=32", "checkpoint.every_epochs=0", "log.layers_every=0",

@@ -15,7 +15,7 @@ from hpctrain.data import load_splits, scoring, shards
 from hpctrain.data.filtering import select_kept
 from hpctrain.errors import UserError
 from tests.chromium import chromium, run_page  # noqa: F401  (chromium is a fixture)
-from tests.helpers import run_cli
+from hpctrain.local_launch import run_cli
 
 # What the page opens with (from the command line), then what the test sets through the controls.
 INITIAL = (0.4, "easiest")

@@ -16,7 +16,7 @@ from hpctrain.data import load_splits, scoring, shards
 from hpctrain.data.filtering import select_kept
 from hpctrain.errors import UserError
 from hpctrain.models import build_model
-from tests.helpers import run_cli, run_mpi
+from hpctrain.local_launch import run_cli, run_mpi
 
 SMALL_MLP = ["--set", 'model.name="mlp"', "--set", "model.args={width=32, depth=1}", "--set", "batch.initial=128"]
 
@@ -164,7 +164,7 @@ def _embedded_samples(page: str) -> dict:
 
 @pytest.mark.parametrize("with_embedding", [True, False])
 def test_score_explorer_page_holds_the_data(digits_dir, tmp_path, with_embedding):
-    from analysis.scores import write_scores_report
+    from hpctrain.analysis.scores import write_scores_report
     data = tmp_path / "d"
     shards.shard("digits", data, shard_size=500)
     train = load_splits(DataConfig(name=str(data))).train

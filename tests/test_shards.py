@@ -12,7 +12,7 @@ import pytest
 from hpctrain.config import DataConfig, config_from_dict
 from hpctrain.data import load_splits, shards
 from hpctrain.errors import UserError
-from tests.helpers import run_cli, run_mpi
+from hpctrain.local_launch import run_cli, run_mpi
 
 
 def make_npz(path: Path, n: int = 230, n_val: int = 40, shape: tuple[int, ...] = (3, 5), seed: int = 0) -> dict:

@@ -11,7 +11,8 @@ import pytest
 
 from hpctrain import checkpoint
 from hpctrain.h5log import STEP_COLUMNS, read_log
-from tests.helpers import ENGINES, HPCTRAIN, REPO, _env, run_cli, run_mpi
+from hpctrain.local_launch import ENGINES, HPCTRAIN, local_env, run_cli, run_mpi
+from tests.helpers import REPO
 
 DIGITS = str(REPO / "configs" / "digits.toml")
 
@@ -121,7 +122,7 @@ def test_missing_data_file_on_one_rank_aborts_all(tmp_path, engine):
     args = [str(a) for a in HPCTRAIN + _train_args(tmp_path, "data.name='data.h5'")]
     cmd = (["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp",
             "-np", "1", "-wdir", str(tmp_path / "a")] + args + [":", "-np", "1", "-wdir", str(tmp_path / "b")] + args)
-    proc = subprocess.run(cmd, env=_env({"PYTHONPATH": str(REPO), "HPCTRAIN_BACKEND": engine}),
+    proc = subprocess.run(cmd, env=local_env({"PYTHONPATH": str(REPO), "HPCTRAIN_BACKEND": engine}),
                           capture_output=True, text=True, timeout=120)
     line = _one_line_error(proc)
     assert "[rank 1]" in line and "data.h5" in line
@@ -130,7 +131,7 @@ def test_missing_data_file_on_one_rank_aborts_all(tmp_path, engine):
 def test_killed_run_leaves_a_readable_log_and_an_intact_checkpoint(tmp_path):
     proc = subprocess.Popen(HPCTRAIN + _train_args(tmp_path, "train.epochs=500", "checkpoint.every_steps=7",
                                                    "checkpoint.every_epochs=0"),     # only step checkpoints
-                            cwd=REPO, env=_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO, env=local_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log_path = tmp_path / "digits" / "log.h5"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

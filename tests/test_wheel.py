@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, run_cli
+from hpctrain.local_launch import run_cli
+from tests.helpers import REPO
 
 SITES = sorted(p.stem for p in (REPO / "jobs" / "sites").glob("*.toml"))
 TEMPLATES = sorted(p.name for p in (REPO / "jobs").glob("*.sh.tmpl"))

@@ -49,6 +49,11 @@ def render_html(logs: Sequence[Log], table: pd.DataFrame, pngs: dict[str, Path])
         data = base64.b64encode(pngs[name].read_bytes()).decode("ascii")
         parts.append(f"<figure><img alt='{name}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("<h2>Does compression pay? (<code>hpctrain advise</code>)</h2>")
+    from hpctrain.advise import panel       # imports torch: only when a report is written
+    for log in logs:
+        parts.append(f"<details><summary>{html.escape(log.name)}</summary><pre>{html.escape(panel(log.path))}</pre>"
+                     f"</details>")
     parts.append("<h2>Runs</h2>")
     for log in logs:
         attrs = {k: v for k, v in log.attrs.items() if k != "config"}

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from hpctrain.data import ArrayDataset, Splits, split_holdout, target_range
+from hpctrain.atomic import replacing
 from hpctrain.errors import UserError
 
 
@@ -32,9 +33,8 @@ def _cached_npz(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[st
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             arrays = make()
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            with replacing(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
 

@@ -105,6 +105,6 @@ class ShardDataset(torch.utils.data.Dataset):
         return list(zip(x, y))
 
     def __repr__(self) -> str:
-        return (f"ShardDataset({self._cfg.name!r}, {len(self)} samples of shape {self.sample_shape}, "
-                (f"{self.num_classes} classes)" if self.task == "classification" else
-                 f"regression targets of shape {self.target_shape})"))
+        kind = (f"{self.num_classes} classes" if self.task == "classification"
+                else f"regression targets of shape {self.target_shape}")
+        return f"ShardDataset({self._cfg.name!r}, {len(self)} samples of shape {self.sample_shape}, {kind})"

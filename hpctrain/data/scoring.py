@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hpctrain.atomic import replacing
 from hpctrain.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -289,9 +289,7 @@ def write_scores(path: Path, sample_ids: np.ndarray, labels: np.ndarray,
     if old is not None and not np.array_equal(old.sample_ids, ids):
         print(f"note: {path} held scores of other samples ({', '.join(old.scores)}); they are replaced")
         old = None
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    from hpctrain.data.shards import _removing_on_failure
-    with _removing_on_failure(tmp, path), h5py.File(tmp, "w") as f:
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.create_dataset("sample_id", data=ids)
         f.create_dataset("label", data=labels[order])
@@ -305,7 +303,6 @@ def write_scores(path: Path, sample_ids: np.ndarray, labels: np.ndarray,
             f.create_dataset("embedding", data=embedding[order]).attrs.update(embedding_attrs or {})
         elif old is not None and old.embedding is not None:
             f.create_dataset("embedding", data=old.embedding).attrs.update(old.embedding_attrs)
-    os.replace(tmp, path)
 
 
 # -- command line ----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hpctrain.data import Splits, holdout_positions
+from hpctrain.atomic import replacing, write_atomic
 from hpctrain.errors import UserError
 
 SCHEMA_VERSION = 1                 # classification shards (readable by every hpctrain)
@@ -186,10 +187,6 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: str, chunk_kib: int) -> dict[str, Any]:
     """Write one shard (temp name, then rename) and return its manifest entry."""
     count = plan.stop - plan.start
@@ -197,8 +194,7 @@ def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: st
     dtype = np.dtype(source.x.dtype)
     rows = _chunk_rows(sample_shape, dtype, count, chunk_kib)
     path = out / shard_name(plan.index)
-    tmp = _tmp_name(path)
-    with _removing_on_failure(tmp, path), h5py.File(tmp, "w") as f:
+    with replacing(path) as tmp, h5py.File(tmp, "w") as f:
         x = f.create_dataset("x", shape=(count, *sample_shape), dtype=dtype, chunks=(rows, *sample_shape),
                              fletcher32=True, **COMPRESSIONS[compression])
         for lo in range(0, count, rows):        # one chunk at a time: memory stays one chunk
@@ -213,7 +209,6 @@ def write_shard(out: Path, plan: ShardPlan, source: SourceSplit, compression: st
         f.create_dataset("sample_id", data=source.sample_ids[plan.start:plan.stop], dtype=np.int64)
         f.attrs.update(schema_version=SCHEMA_VERSION, split=source.split, index=plan.index, count=count,
                        sample_shape=np.asarray(sample_shape, dtype=np.int64), x_dtype=dtype.str)
-    os.replace(tmp, path)
     return {"file": path.name, "split": source.split, "count": count, "chunk_rows": rows,
             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
@@ -241,25 +236,6 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def _removing_on_failure(tmp: Path, path: Path) -> Iterator[None]:
-    """A failed write removes its temp file; a full disk is one line naming the file and the free space."""
-    try:
-        yield
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        from hpctrain.checkpoint import disk_full, is_disk_full
-        if isinstance(exc, Exception) and is_disk_full(exc):
-            raise disk_full(path) from None
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    with _removing_on_failure(tmp, path):
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: list[dict[str, Any]],
                              source_name: str, shard_size: int, compression: str) -> dict[str, Any]:
     """Rank 0, after every shard exists: index.h5, then manifest.json (the commit point)."""
@@ -269,14 +245,12 @@ def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: lis
         raise RuntimeError(f"gathered shard entries do not match the plan of {len(plans)} shards")
     order = [sources[p.source] for p in plans]
     index_path = out / INDEX
-    tmp = _tmp_name(index_path)
     regression = first_task(sources) == "regression"
-    with _removing_on_failure(tmp, index_path), h5py.File(tmp, "w") as f:
+    with replacing(index_path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("y", data=np.concatenate([
             np.zeros(p.stop - p.start, np.int64) if regression else s.y[p.start:p.stop] for s, p in zip(order, plans)]))
         f.create_dataset("sample_id", data=np.concatenate([s.sample_ids[p.start:p.stop] for s, p in zip(order, plans)]))
         f.create_dataset("shard_count", data=np.array([e["count"] for e in entries], dtype=np.int64))
-    os.replace(tmp, index_path)
     first = sources[0]
     manifest = {
         "format": "hpctrain-shards", "schema_version": REGRESSION_SCHEMA_VERSION if regression else SCHEMA_VERSION,
@@ -290,7 +264,7 @@ def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: lis
         "index": {"file": INDEX, "bytes": index_path.stat().st_size, "sha256": sha256_file(index_path)},
         "shards": entries,
     }
-    _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
