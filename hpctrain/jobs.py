@@ -25,7 +25,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import jinja2
 
 import hpctrain
 from hpctrain.config import Config, check_world_size, load_config
+from hpctrain.atomic import write_atomic
 from hpctrain.errors import UserError
 from hpctrain.preempt import REQUEUE_EXIT_CODE
 from hpctrain.schema import build
@@ -362,15 +362,6 @@ def render(job: Job, templates_dir: str | Path | None = None) -> str:
         raise UserError(f"template {str(templates_dir / name)!r}: {where}{exc}") from None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
-
-
 def submit_program(scheduler: str) -> str:
     """`bsub` or `sbatch`, found on PATH before anything is written."""
     command = SUBMIT_COMMANDS[scheduler]
@@ -413,7 +404,7 @@ def _submit_command(args: argparse.Namespace) -> int:
     job = plan_job(args, Path.cwd(), hpctrain_command(args.python, Path.cwd()))
     submit_program(job.site.scheduler)
     script = job.run_dir / SCRIPT_NAME
-    write_atomic(script, render(job, args.templates))   # makes the run directory, where the scheduler writes
+    write_atomic(script, render(job, args.templates), mode=0o755)   # makes the run directory, where the scheduler writes
     job_id = submit(script, job.site.scheduler)
     print(f"submitted {script} as job {job_id}; output in {job.run_dir}", file=sys.stderr)
     print(job_id)

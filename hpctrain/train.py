@@ -510,7 +510,8 @@ class Trainer:
     def _micro_batches(self, local: np.ndarray) -> list[np.ndarray]:
         """Split this rank's batch for gradient accumulation (memory cap `batch.max_local`)."""
         passes = min(self.batch.accumulation, len(local))
-        self.optimizer.backward_passes_per_step = passes
+        if passes != self.optimizer.backward_passes_per_step:
+            self.optimizer.set_backward_passes_per_step(passes)
         return np.array_split(local, passes)
 
     def _apply_batch(self, decision: BatchDecision | None) -> None:

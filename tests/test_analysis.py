@@ -25,7 +25,8 @@ from hpctrain.analysis.plots import PLOTS, layer_table, plot_bytes_per_layer, pl
 from hpctrain.analysis.summary import SUMMARY_COLUMNS, default_target, summary_table
 from hpctrain.errors import UserError
 from hpctrain.h5log import StepLog
-from helpers import REPO, run_cli
+from hpctrain.local_launch import run_cli
+from tests.helpers import REPO
 from tests.chromium import chromium, run_page  # noqa: F401  (chromium is a fixture)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,18 +7,7 @@ Everything here runs on one process without Horovod, so logs can be studied on a
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 from typing import Callable, Sequence
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write via a temp name in the same directory, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
 
 
 def run_script(add_arguments: Callable[[argparse.ArgumentParser], None], description: str,

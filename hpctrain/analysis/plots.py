@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from hpctrain.analysis import write_atomic
+from hpctrain.atomic import write_atomic
 from hpctrain.analysis.load import Log, load_logs
 
 SMOOTH_FRACTION = 0.02  # per-step rates are noisy: show a rolling mean over 2% of the steps

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from hpctrain.analysis import write_atomic
+from hpctrain.atomic import write_atomic
 from hpctrain.analysis.load import Log, load_logs
 from hpctrain.analysis.plots import PLOTS, write_plots
 from hpctrain.analysis.summary import add_target_argument, format_table, html_table, summary_table, write_csv

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from hpctrain.analysis import write_atomic
+from hpctrain.atomic import write_atomic
 from hpctrain.data.filtering import KEEP_MODES, select_kept
 from hpctrain.data.shards import manifest_hash, open_directory
 from hpctrain.errors import UserError

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from hpctrain.analysis import write_atomic
+from hpctrain.atomic import write_atomic
 from hpctrain.analysis.load import Log, load_logs
 
 SUMMARY_COLUMNS = [

@@ -121,7 +121,7 @@ class AdaptiveBatch:
         n = len(tensors[0])
         passes = max(1, min(self.accumulation, n))
         if self.optimizer is not None and getattr(self.optimizer, "backward_passes_per_step", passes) != passes:
-            self.optimizer.backward_passes_per_step = passes
+            self.optimizer.set_backward_passes_per_step(passes)
         return list(zip(*(t.tensor_split(passes) if hasattr(t, "tensor_split") else _split(t, passes)
                           for t in tensors)))
 
