@@ -9,7 +9,6 @@ Playwright browser download, no network.
 from __future__ import annotations
 
 import html
-import os
 import re
 import shutil
 import subprocess
@@ -19,29 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import apt_install
+
 PACKAGES = ["chromium"]
 # Flags that work as root in a container without a display, GPU or network.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage"]
 RESULT_ID = "test-result"
-
-
-def apt_install(packages: list[str], present) -> str | None:
-    """`apt-get install` `packages` unless `present()`; returns why not when it cannot."""
-    if present():
-        return None
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"needs {' '.join(packages)}; install with apt as root"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
-    proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:  # a fresh machine may have no package lists yet
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-        proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or not present():
-        return f"`{' '.join(install)}` failed: {proc.stderr.strip()[-300:]}"
-    return None
 
 
 def _binary() -> str | None:

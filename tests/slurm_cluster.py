@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers import apt_install
+
 PACKAGES = ["slurm-wlm", "munge"]
 DAEMONS = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch"]
 # CPUs the node claims (SlurmdParameters=config_overrides lets it claim more than the machine has).
@@ -27,19 +29,7 @@ def missing_daemons() -> list[str]:
 
 def install_packages() -> str | None:
     """apt-get install the packages once per machine; returns why not when it cannot."""
-    if not missing_daemons():
-        return None
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"needs {' '.join(PACKAGES)} (missing {', '.join(missing_daemons())}); install them with apt as root"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
-    proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:  # a fresh machine may have no package lists yet
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-        proc = subprocess.run(install, env=env, capture_output=True, text=True)
-    if proc.returncode != 0 or missing_daemons():
-        return f"`{' '.join(install)}` failed: {proc.stderr.strip()[-300:]}"
-    return None
+    return apt_install(PACKAGES, lambda: not missing_daemons())
 
 
 def _free_port() -> int:
