@@ -41,8 +41,8 @@ def remove_temp_files(run_dir: Path) -> list[Path]:
 def save(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
     """Write `state` atomically as step-<step>.pt and keep only the newest `keep` checkpoints."""
     path = checkpoint_dir(run_dir) / f"step-{step:09d}.pt"
-    with replacing(path, fsync=True) as tmp:
-        torch.save(dict(state, schema_version=SCHEMA_VERSION, step=step), tmp)
+    with replacing(path, fsync=True) as tmp, open(tmp, "wb") as f:   # Python's write: ENOSPC is an OSError
+        torch.save(dict(state, schema_version=SCHEMA_VERSION, step=step), f)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

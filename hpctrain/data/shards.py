@@ -235,7 +235,6 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
-@contextmanager
 def write_index_and_manifest(out: Path, sources: list[SourceSplit], entries: list[dict[str, Any]],
                              source_name: str, shard_size: int, compression: str) -> dict[str, Any]:
     """Rank 0, after every shard exists: index.h5, then manifest.json (the commit point)."""
