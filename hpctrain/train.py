@@ -162,6 +162,8 @@ class Trainer:
         if prepare:
             self._prepare(resume, overwrite)
         self.device = comm.pick_device(cfg.train.device)
+        # cuDNN's autotuned kernels differ run to run: resume promises the uninterrupted run's bits.
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         seed_everything(cfg.run.seed)
         self.splits = load_splits(cfg.data, cfg.run.seed, task=task_for(cfg.train))
         self.task = self.splits.task
