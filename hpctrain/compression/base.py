@@ -151,12 +151,18 @@ def simulate(compressor: Compressor, grads: Sequence[torch.Tensor], states: Sequ
             received = [torch.stack(col).mean(dim=0) for col in columns]
         else:
             received = [torch.cat(col, dim=0) for col in columns]
-        results = []
-        for gen in gens:
-            try:
-                results.append(gen.send(received))
-            except StopIteration as stop:
-                results.append(stop.value)
+        results = advance(gens, [received] * len(gens))
         if all(isinstance(r, torch.Tensor) for r in results):
             return results
         requests = results
+
+
+def advance(gens: Sequence[Rounds], received: Sequence[list[torch.Tensor]]) -> list[Collective | torch.Tensor]:
+    """Send each simulated rank's results into its exchange: its next request, or its average."""
+    results: list[Collective | torch.Tensor] = []
+    for gen, got in zip(gens, received):
+        try:
+            results.append(gen.send(got))
+        except StopIteration as stop:
+            results.append(stop.value)
+    return results

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from hpctrain.comm.nodes import NodeGroups
-from hpctrain.compression.base import Collective, Compressor, ParamState, Rounds
+from hpctrain.compression.base import Collective, Compressor, ParamState, Rounds, advance
 
 
 @dataclass
@@ -120,12 +120,7 @@ def simulate_hierarchical(compressor: Compressor, grads: Sequence[torch.Tensor],
                 traffic.sent_inter += request.nbytes
         if traffic is not None:
             _count_received(requests, node_of, traffic)
-        results = []
-        for gen, got in zip(gens, received):
-            try:
-                results.append(gen.send(got))
-            except StopIteration as stop:
-                results.append(stop.value)
+        results = advance(gens, received)
         if all(isinstance(r, torch.Tensor) for r in results):
             return results
         requests = results
