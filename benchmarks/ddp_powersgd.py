@@ -168,7 +168,7 @@ def train(cfg: Config, powersgd_rank: int, port: int, hook: str = "powersgd") ->
     seed_everything(cfg.run.seed)                    # same order as hpctrain's Trainer: same init
     splits = load_splits(cfg.data, cfg.run.seed)
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model.args).to(device)
-    positions = filtering.training_positions(splits.train, cfg.data)
+    positions = filtering.training_rows(splits.train, cfg.data)
     t = cfg.train
     kwargs = {"momentum": t.momentum} if t.optimizer == "sgd" else {}
     ddp = DistributedDataParallel(model, bucket_cap_mb=1000)

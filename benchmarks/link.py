@@ -4,15 +4,16 @@ For each `--rate`, a network namespace with its loopback throttled by `tc` (benc
 holds the whole job, and Open MPI (hence Horovod) and Gloo talk TCP over that loopback, so every
 byte any rank sends shares one link of that rate. First a small allreduce probe prints the
 bandwidth the ranks really get; then every method trains the same model on the same data from
-the same seed for the same number of steps, one after the other, and one table compares them:
+the same seed for the same number of steps, one after the other, and one table compares them
+(step and comm times are medians over the steps after the set-up ones):
 
     python benchmarks/link.py --rate 1gbit --rate 100mbit --model mlp --ranks 4 --steps 30
 
 Methods: `dense` (fp32 allreduce: hpctrain with compression "none", exactly
 hvd.DistributedOptimizer's traffic), `fp16`, each hpctrain compressor (`topk`, `threshold`,
-`adacomp`, `lowrank`), each on every engine of `--engines` (Horovod over MPI; torch.distributed
+`adacomp`, `lowrank`), `auto` (the cost model picks per layer after the warm-up), each on every engine of `--engines` (Horovod over MPI; torch.distributed
 over Gloo), and `ddp-powersgd` (benchmarks/ddp_powersgd.py: torch DDP over Gloo with torch's
-PowerSGD hook at the same rank as `lowrank`). Speedups are against dense Horovod. Step time, comm time and bytes are means over
+PowerSGD hook at the same rank as `lowrank`). Speedups are against dense Horovod. Step and comm time are medians, bytes means, over
 the steps after the first `WARMUP_STEPS` (set-up: first allocations, Horovod negotiation,
 the dense start); every compressor, like the peer's PowerSGD hook, sends its first
 `DENSE_START` steps dense (`compression.warmup_steps`), so all start from the same updates; bytes are what rank 0 hands to the network per step (indices included);
@@ -60,7 +61,8 @@ COMPRESSORS = ("topk", "threshold", "adacomp", "lowrank")
 PEER_METHOD = "ddp-powersgd"
 HOOK_METHOD = "ddp-hpctrain-lowrank"      # DDP with hpctrain's LowRank as its comm hook
 DDP_METHODS = {PEER_METHOD: "powersgd", HOOK_METHOD: "hpctrain"}
-METHODS = ("dense", "fp16", *COMPRESSORS, PEER_METHOD, HOOK_METHOD)
+AUTO = "auto"                              # compression.name = "auto": the cost model picks per layer
+METHODS = ("dense", "fp16", *COMPRESSORS, AUTO, PEER_METHOD, HOOK_METHOD)
 ENGINES = ("horovod", "torch")
 BASELINE = "dense (horovod)"
 
@@ -169,10 +171,11 @@ class Result:
 
 
 def summarize(method: str, log: dict[str, Any]) -> Result:
+    """Medians over the steps after the set-up ones (robust to a neighbour's burst on a shared VM)."""
     steps, evals = log["steps"], log["evals"]
     keep = steps["step"] > WARMUP_STEPS
-    step_s = float(steps["step_time_s"][keep].mean())
-    return Result(method, step_s=step_s, comm_s=float(steps["comm_time_s"][keep].mean()),
+    step_s = float(np.median(steps["step_time_s"][keep]))
+    return Result(method, step_s=step_s, comm_s=float(np.median(steps["comm_time_s"][keep])),
                   samples_per_s=float(steps["global_batch"][keep].mean()) / step_s,
                   wire_bytes=float(steps["wire_bytes"][keep].mean()), dense_bytes=float(steps["dense_bytes"][keep].mean()),
                   final_accuracy=float(evals["val_accuracy"][-1]),

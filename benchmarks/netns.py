@@ -9,7 +9,9 @@ shares one link of the chosen rate:
         run_mpi(4, [...])          # processes started here live in the namespace
 
 `entered()` moves the calling thread into the namespace (setns(2)) and back afterwards, so the
-shared launcher (`hpctrain.local_launch.run_mpi`) is used unchanged. The namespace is deleted on exit,
+shared launcher (`hpctrain.local_launch.run_mpi`) is used unchanged. `two_nodes(rate)` stands
+for two machines: two namespaces, each with its fast loopback, joined by a veth pair throttled
+to `rate` each way (benchmarks/hierarchical.py). The namespace is deleted on exit,
 on exceptions, on Ctrl-C and on SIGTERM; namespaces left behind by a killed run (its pid gone)
 are removed the next time one is created. Needs root (CAP_SYS_ADMIN): elsewhere creating one
 raises `NetnsUnavailable` with the reason, which tests turn into a skip.
@@ -114,29 +116,90 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@contextlib.contextmanager
-def throttled_namespace(rate: str, burst: str = BURST, limit: str = LIMIT) -> Iterator[Namespace]:
-    """Create a namespace whose loopback runs at `rate`; always delete it on the way out.
+def _run_all(commands: list[list[str]]) -> None:
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            raise NetnsUnavailable(f"`{' '.join(command)}` failed ({reason}); throttled-link runs need root "
+                                   "with network namespaces and tc (CAP_SYS_ADMIN, CAP_NET_ADMIN)")
 
-    SIGTERM (and SIGHUP) are turned into KeyboardInterrupt while it exists, so `kill` cleans
-    up like Ctrl-C does. Raises NetnsUnavailable (a UserError) where namespaces are not allowed.
-    """
+
+@contextlib.contextmanager
+def _namespaces(count: int) -> Iterator[list[str]]:
+    """`count` fresh namespace names, deleted on the way out (also on SIGTERM/SIGHUP, turned into
+    KeyboardInterrupt while they exist); stale ones of killed runs are removed first."""
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
         raise NetnsUnavailable(f"{' and '.join(missing)} not found; install iproute2 (apt-get install iproute2)")
     remove_stale()
-    name = f"{PREFIX}-{os.getpid()}-{next(_counter)}"
+    names = [f"{PREFIX}-{os.getpid()}-{next(_counter)}" for _ in range(count)]
     main = threading.current_thread() is threading.main_thread()    # only it may set handlers
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)} if main else {}
     try:
-        for command in setup_commands(name, rate, burst, limit):
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-                raise NetnsUnavailable(f"`{' '.join(command)}` failed ({reason}); throttled-link runs need root "
-                                       "with network namespaces and tc (CAP_SYS_ADMIN, CAP_NET_ADMIN)")
-        yield Namespace(name, rate)
+        yield names
     finally:
-        subprocess.run(teardown_command(name), capture_output=True, check=False)
+        for name in names:
+            subprocess.run(teardown_command(name), capture_output=True, check=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def throttled_namespace(rate: str, burst: str = BURST, limit: str = LIMIT) -> Iterator[Namespace]:
+    """Create a namespace whose loopback runs at `rate`; always delete it on the way out.
+
+    Raises NetnsUnavailable (a UserError) where namespaces are not allowed.
+    """
+    with _namespaces(1) as (name,):
+        _run_all(setup_commands(name, rate, burst, limit))
+        yield Namespace(name, rate)
+
+
+# -- several "nodes": fast inside (each namespace's own loopback), a throttled link between ---------
+SUBNET = "10.77.0"
+
+
+@dataclass
+class Node:
+    """One simulated node: a namespace, its address on the inter-node link and that interface."""
+    namespace: Namespace
+    address: str
+    interface: str
+
+    def exec_prefix(self) -> list[str]:
+        """Prepend to a command to run it on this node."""
+        return ["ip", "netns", "exec", self.namespace.name]
+
+    def sent_bytes(self) -> int:
+        """Bytes this node has sent over the inter-node link (the kernel's counter)."""
+        out = subprocess.run([*self.exec_prefix(), "cat", f"/sys/class/net/{self.interface}/statistics/tx_bytes"],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.strip())
+
+
+def two_nodes_commands(names: tuple[str, str], rate: str, burst: str = BURST, limit: str = LIMIT) -> list[list[str]]:
+    """Two namespaces joined by a veth pair throttled to `rate` each way; loopback left fast."""
+    parse_rate(rate)
+    commands = [["ip", "netns", "add", name] for name in names]
+    ends = [f"hpcv{i}-{os.getpid() % 10000}" for i in range(2)]       # interface names: 15 characters at most
+    commands.append(["ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1]])
+    for i, (name, end) in enumerate(zip(names, ends)):
+        inside = ["ip", "netns", "exec", name]
+        commands += [["ip", "link", "set", end, "netns", name],
+                     inside + ["ip", "link", "set", "lo", "up"],
+                     inside + ["ip", "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", end],
+                     inside + ["ip", "link", "set", end, "up"],
+                     inside + ["tc", "qdisc", "add", "dev", end, "root", "tbf", "rate", rate, "burst", burst,
+                               "limit", limit]]
+    return commands
+
+
+@contextlib.contextmanager
+def two_nodes(rate: str) -> Iterator[list[Node]]:
+    """Two simulated nodes joined by a `rate` link; deleted (with the link) on the way out."""
+    with _namespaces(2) as names:
+        commands = two_nodes_commands((names[0], names[1]), rate)
+        _run_all(commands)
+        ends = [c[3] for c in commands if c[:3] == ["ip", "link", "set"] and c[4:5] == ["netns"]]
+        yield [Node(Namespace(name, rate), f"{SUBNET}.{i + 1}", end) for i, (name, end) in enumerate(zip(names, ends))]

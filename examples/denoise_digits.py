@@ -15,7 +15,7 @@ from torch import nn
 
 import hpctrain, hpctrain.compression
 from hpctrain.data import AdaptiveBatchSampler, ShardDataset
-from hpctrain.data.shards import MANIFEST, shard
+from hpctrain.data.shards import ensure_shards
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "hpctrain-examples" / "digits"))
@@ -28,14 +28,12 @@ args = parser.parse_args()
 
 comm = hpctrain.init()
 root = hpctrain.rank() == 0
-if root:
-    print(f"engine {comm.describe()}, {hpctrain.size()} rank(s)", flush=True)
-if root and not (Path(args.data) / MANIFEST).exists():
-    shard("digits", args.data, shard_size=500, overwrite=True)
-comm.barrier()
-train, val = ShardDataset(args.data), ShardDataset(args.data, "val")
 device = hpctrain.device()
 torch.manual_seed(1 + hpctrain.rank())                   # each rank draws its own noise
+data = ensure_shards("digits", args.data, shard_size=500)    # written once, by every rank together
+train, val = ShardDataset(data), ShardDataset(data, "val")
+if root:
+    print(f"engine {comm.describe()}, {hpctrain.size()} rank(s), {len(train)} noisy digits to clean", flush=True)
 
 model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.Sigmoid()).to(device)
 opt = hpctrain.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=2e-3),

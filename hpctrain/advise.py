@@ -13,7 +13,6 @@ and names the winner and why:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from hpctrain.commands.advise import METHODS   # the options live in a light module, for --help
 from hpctrain.cost import CodecTime, Layer, Link, Method, Network, predict, site_network
 from hpctrain.cost import codec as codec_model
 from hpctrain.cost.links import DEFAULT_INTRA
@@ -31,9 +31,6 @@ from hpctrain.cost.overlap import DEFAULT_OVERLAP, compute_time
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
 
-from hpctrain.compression.registry import COMPRESSORS
-
-METHODS = ("dense", *COMPRESSORS)
 # Allgather compressors' wire ratios when nothing can be measured (benchmarks/results/2026-12-01.md,
 # gradient-like rows; SignSGD's is 32 by construction).
 FALLBACK_RATIOS = {"topk": 50.0, "threshold": 350.0, "adacomp": 250.0, "signsgd": 32.0}
@@ -128,6 +125,17 @@ def logged_ratios(log: dict[str, Any], name: str, warmup_steps: int) -> dict[str
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def logged_codec_s(log: dict[str, Any], warmup_steps: int) -> float | None:
+    """Median seconds per step the run spent in compressor code after its dense warm-up (the
+    steps' codec_time_s); None for logs written before that column."""
+    steps = log.get("steps", {})
+    codec = steps.get("codec_time_s")
+    if codec is None:
+        return None
+    kept = [float(c) for s, c in zip(steps["step"], codec) if s > warmup_steps and math.isfinite(c)]
+    return statistics.median(kept) if kept else None
+
+
 # -- measuring here -------------------------------------------------------------------------------
 def _codec_bench():
     """benchmarks/codec.py's functions (steady state, timing), from the repository checkout."""
@@ -180,6 +188,10 @@ def build_methods(cfg, log: dict[str, Any], profile: Profile, names: list[str], 
                 method.ratios, method.source = ratios, "ratio simulated on synthetic gradients of the layer shapes"
         elif compressor is not None:
             profile.codecs[name] = codec_model.modelled(method, profile.layers, memory_gbs * 1e9, profile.min_numel)
+        logged = logged_codec_s(log, cfg.compression.warmup_steps) if name == cfg.compression.name else None
+        if logged is not None:      # the run itself used this compressor: its own time beats any other
+            profile.codecs[name] = CodecTime(logged, profile.codecs[name].per_received_byte_s,
+                                             f"measured in the log at P={profile.world_size}")
         if gathers:
             method.default_ratio = FALLBACK_RATIOS.get(name, 32.0)
             method.source = method.source or f"ratio assumed {method.default_ratio:g}× (benchmarks/results)"
@@ -199,19 +211,38 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def networks(args: argparse.Namespace) -> list[tuple[Network, list[int]]]:
-    if args.site:
-        network = site_network(args.site).with_latency(args.latency_us)
-        ranks = _int_list(args.ranks) if args.ranks else [args.nodes * network.ranks_per_node]
+@dataclass(frozen=True)
+class AdviseOptions:
+    """What `hpctrain advise` is asked (its options, typed; see hpctrain/commands/advise.py)."""
+    log: Path
+    ranks: str | None = None             # comma-separated world sizes
+    link: str | None = None              # comma-separated inter-node rates
+    latency_us: float | None = None
+    ranks_per_node: int = 1
+    intra_link: str | None = None
+    site: str | None = None
+    nodes: int | None = None
+    overlap: float = DEFAULT_OVERLAP
+    methods: str = ",".join(METHODS)
+    skip_steps: int | None = None
+    measure: bool = True                 # time codecs and simulate ratios here (else model and assume)
+    min_run_time: float = 0.15
+    memory_gbs: float = 1500.0
+
+
+def networks(opts: AdviseOptions) -> list[tuple[Network, list[int]]]:
+    if opts.site:
+        network = site_network(opts.site).with_latency(opts.latency_us)
+        ranks = _int_list(opts.ranks) if opts.ranks else [opts.nodes * network.ranks_per_node]
         return [(network, ranks)]
-    if args.nodes:
+    if opts.nodes:
         raise UserError("--nodes needs --site (its ranks per node); otherwise give --ranks")
-    if args.ranks_per_node < 1:
-        raise UserError(f"--ranks-per-node {args.ranks_per_node} must be at least 1")
-    intra = Link.parse(args.intra_link) if args.intra_link else DEFAULT_INTRA
-    ranks = _int_list(args.ranks or "4,64,1024,8192")
-    return [(Network(Link.parse(text.strip(), args.latency_us), intra, args.ranks_per_node, label=text.strip()), ranks)
-            for text in (args.link or "1gbit,25gbit,200gbit").split(",") if text.strip()]
+    if opts.ranks_per_node < 1:
+        raise UserError(f"--ranks-per-node {opts.ranks_per_node} must be at least 1")
+    intra = Link.parse(opts.intra_link) if opts.intra_link else DEFAULT_INTRA
+    ranks = _int_list(opts.ranks or "4,64,1024,8192")
+    return [(Network(Link.parse(text.strip(), opts.latency_us), intra, opts.ranks_per_node, label=text.strip()), ranks)
+            for text in (opts.link or "1gbit,25gbit,200gbit").split(",") if text.strip()]
 
 
 # -- printing -----------------------------------------------------------------------------------
@@ -265,19 +296,19 @@ def report(profile: Profile, nets: list[tuple[Network, list[int]]], overlap: flo
     return lines
 
 
-def _advise(args: argparse.Namespace) -> int:
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+def advise(opts: AdviseOptions) -> str:
+    """The advice for `opts`, as `hpctrain advise` prints it."""
+    names = [m.strip() for m in opts.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise UserError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
+        raise UserError(f"--methods {opts.methods!r}: choose from {', '.join(METHODS)}")
     names = ["dense"] + [m for m in names if m != "dense"]       # dense is the baseline
-    if not 0 <= args.overlap <= 1:
-        raise UserError(f"--overlap {args.overlap} must be between 0 and 1")
-    nets = networks(args)
-    profile, cfg, log = read_profile(args.log, args.skip_steps)
-    build_methods(cfg, log, profile, names, not args.no_measure, args.min_run_time, args.memory_gbs)
-    print("\n".join(report(profile, nets, args.overlap)))
-    return 0
+    if not 0 <= opts.overlap <= 1:
+        raise UserError(f"--overlap {opts.overlap} must be between 0 and 1")
+    nets = networks(opts)
+    profile, cfg, log = read_profile(opts.log, opts.skip_steps)
+    build_methods(cfg, log, profile, names, opts.measure, opts.min_run_time, opts.memory_gbs)
+    return "\n".join(report(profile, nets, opts.overlap))
 
 
 def panel(log: Path, ranks: str = "4,64,1024,8192", link: str = "1gbit,25gbit,200gbit", ranks_per_node: int = 1,
@@ -285,35 +316,8 @@ def panel(log: Path, ranks: str = "4,64,1024,8192", link: str = "1gbit,25gbit,20
     """The advice for `hpctrain report`: the CLI's tables as plain text. By default codec times are
     modelled and missing ratios assumed (`--no-measure`), so a report renders in well under a
     second; errors (no per-layer rows, ...) become its text."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args([str(log), "--ranks", ranks, "--link", link, "--ranks-per-node", str(ranks_per_node),
-                              "--overlap", str(overlap), *([] if measure_here else ["--no-measure"])])
     try:
-        profile, cfg, log_data = read_profile(args.log, args.skip_steps)
-        build_methods(cfg, log_data, profile, list(METHODS), measure_here, args.min_run_time, args.memory_gbs)
-        body = "\n".join(report(profile, networks(args), overlap))
+        return advise(AdviseOptions(Path(log), ranks, link, ranks_per_node=ranks_per_node, overlap=overlap,
+                                    measure=measure_here))
     except UserError as exc:
-        body = f"no advice: {exc}"
-    return body
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("log", type=Path, help="log.h5 of a short run (`hpctrain train`)")
-    parser.add_argument("--ranks", help="comma-separated world sizes (default 4,64,1024,8192; with --site: nodes × ranks per node)")
-    parser.add_argument("--link", help="comma-separated inter-node rates (default 1gbit,25gbit,200gbit)")
-    parser.add_argument("--latency-us", type=float, help="inter-node latency per step in µs (default by rate: 50, 10 or 5)")
-    parser.add_argument("--ranks-per-node", type=int, default=1, help="ranks sharing a node's NICs (default 1)")
-    parser.add_argument("--intra-link", help=f"rate between ranks of a node (default {DEFAULT_INTRA})")
-    parser.add_argument("--site", help="a site of jobs/sites/ with a [links] table (frontier, perlmutter, summit)")
-    parser.add_argument("--nodes", type=int, help="with --site: how many nodes")
-    parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
-                        help=f"fraction of compute that can hide communication (default {DEFAULT_OVERLAP})")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    parser.add_argument("--skip-steps", type=int, help="set-up steps left out of the compute time (default 10%%, at least 1)")
-    parser.add_argument("--no-measure", action="store_true",
-                        help="do not time codecs or simulate ratios here: use modelled codec times and assumed ratios")
-    parser.add_argument("--min-run-time", type=float, default=0.15, help="seconds of timing per codec and layer (default 0.15)")
-    parser.add_argument("--memory-gbs", type=float, default=1500.0,
-                        help="device memory bandwidth in GB/s for modelled codec times (default 1500, an A100)")
-    parser.set_defaults(func=_advise)
+        return f"no advice: {exc}"

@@ -1,10 +1,12 @@
 """Checkpoints: written atomically by rank 0, found and validated on resume.
 
-A checkpoint is one `torch.save` file `<run_dir>/checkpoints/step-<N>.pt` holding the model,
-optimizer, per-rank compression memories, sampler position, RNG states, batch-size state and a
-schema version. It is written to a temp name, fsynced, then renamed, so a killed run never
-leaves a half-written file under a real name; a full disk removes the temp file and says so in
-one line (`DiskFull`), leaving the previous checkpoints as they were.
+A checkpoint is one `torch.save` file `<run_dir>/checkpoints/step-<N>.pt`: what identifies the
+run (config, data fingerprint, world size, versions) and, under its key, the state of each `Part`
+of the run — the model, optimizer, per-rank compression memories, sampler cursor, RNG states,
+batch-size state, ... — each a torch `Stateful` (state_dict / load_state_dict). It is written
+to a temp name, fsynced, then renamed, so a killed run never leaves a half-written file under a
+real name; a full disk removes the temp file and says so in one line (`DiskFull`), leaving the
+previous checkpoints as they were.
 
 Resuming checks what it resumes: `config_differences` compares the checkpoint's config with the
 new one (`MUST_MATCH` keys must be equal; the rest may change and are reported as changes), and
@@ -13,16 +15,29 @@ new one (`MUST_MATCH` keys must be equal; the rest may change and are reported a
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from hpctrain.atomic import replacing
 from hpctrain.errors import UserError
 
+if TYPE_CHECKING:       # the protocol only: importing torch.distributed.checkpoint costs each rank a second
+    from torch.distributed.checkpoint.stateful import Stateful
+
 SCHEMA_VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stateful part of a run, saved under its key in the checkpoint."""
+    state: Stateful
+    per_rank: bool = False    # each rank's own: saved as the list of every rank's, rank r loads item r
+                              # (the last one beyond them, where the part allows another world size)
+    optional: bool = False    # absent from checkpoints of older hpctrain versions: then kept as built
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -1,27 +1,32 @@
 """`hpctrain` entry point: dispatch to one module per subcommand, turn errors into one line.
 
 Each subcommand's module defines `add_arguments(parser)` (which sets `func`) and is imported
-only when that subcommand runs, so `hpctrain jobs render` does not pay for importing torch.
+only when that subcommand runs, so `hpctrain jobs render` does not pay for importing torch;
+commands whose work needs torch keep their options in hpctrain/commands/, so `--help` does not either.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import importlib
+import signal
 import sys
+import time
 import traceback
 from typing import Callable, Sequence
 
-from hpctrain import __version__
+from hpctrain import __version__, comm
+from hpctrain.comm import launcher
 from hpctrain.errors import AgreedError, PeerFailure, UserError
+from hpctrain.rundir import release_all
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hpctrain.commands.train", "train a model (launch under mpirun, srun, jsrun or horovodrun)"),
-    "shard": ("hpctrain.data.shards", "write HDF5 shards from a dataset, or verify them"),
-    "score": ("hpctrain.data.scoring", "compute per-sample importance scores of a shard directory"),
+    "shard": ("hpctrain.commands.shard", "write HDF5 shards from a dataset, or verify them"),
+    "score": ("hpctrain.commands.score", "compute per-sample importance scores of a shard directory"),
     "report": ("hpctrain.analysis.report", "plots, tables and HTML pages from step logs or scores"),
     "jobs": ("hpctrain.jobs", "render or submit LSF (jsrun) and Slurm (srun) job scripts"),
-    "advise": ("hpctrain.advise", "predict per world size and link whether compression pays, from a run's log"),
+    "advise": ("hpctrain.commands.advise", "predict per world size and link whether compression pays, from a run's log"),
 }
 
 
@@ -39,8 +44,6 @@ SECOND_RANK_GRACE_S = 3.0
 
 def _default_signals() -> None:
     """Errors end the process: a launcher's SIGTERM to the other ranks must end them, not ask them to checkpoint."""
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         try:
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
@@ -50,11 +53,6 @@ def _default_signals() -> None:
 
 def _agreed_exit(exc: AgreedError) -> int:
     """An error every rank raised together: rank 0 says it (once), every rank exits without an abort."""
-    import time
-
-    from hpctrain import comm
-    from hpctrain.comm import launcher
-
     launch = launcher.detect()
     if launch.rank == 0:
         if not exc.printed:
@@ -75,8 +73,6 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 
 def _peer_failed(exc: BaseException) -> bool:
-    from hpctrain.comm import launcher
-
     text = f"{type(exc).__name__}: {exc}"
     return launcher.detect().size > 1 and any(s in text for s in _PEER_GONE)
 
@@ -84,12 +80,6 @@ def _peer_failed(exc: BaseException) -> bool:
 def run_guarded(func: Callable[[], int | None]) -> int:
     """Run a command; a UserError becomes one line (printed once per job, by the rank that failed, rank 0
     first), and in a multi-rank job any error aborts all ranks."""
-    import time
-
-    from hpctrain import comm
-    from hpctrain.comm import launcher
-    from hpctrain.rundir import release_all
-
     try:
         return func() or 0
     except AgreedError as exc:

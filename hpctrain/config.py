@@ -275,9 +275,12 @@ def _validate_compression(compression: CompressionConfig) -> None:
     if compression.name not in COMPRESSOR_NAMES:
         raise UserError(f"config: compression.name = {compression.name!r} is not allowed; "
                         f"choose one of {', '.join(map(repr, COMPRESSOR_NAMES))}")
+    per_layer = [n for n in COMPRESSOR_NAMES if n != "auto"]      # auto decides for all layers at once
     for pattern, name in compression.rules.items():
-        if name not in COMPRESSOR_NAMES:
-            raise UserError(f"config: compression.rules.{pattern!r} = {name!r}; choose one of {', '.join(COMPRESSOR_NAMES)}")
+        if name not in per_layer:
+            raise UserError(f"config: compression.rules.{pattern!r} = {name!r}; choose one of {', '.join(per_layer)}"
+                            + (' (use compression.name = "auto" to let the cost model choose per layer)'
+                               if name == "auto" else ""))
     for name, options in compression.options.items():
         registry.build(name, options)
 

@@ -7,7 +7,8 @@ Layout (schema version `SCHEMA_VERSION`):
                     metric of the task, the other one NaN: val_accuracy (classification) or
                     val_psnr (regression, dB). val_psnr is optional: logs written before it have
                     no such column (readers report only what exists), and a writer that leaves it
-                    out of a row gets NaN (OPTIONAL_COLUMNS).
+                    out of a row gets NaN (OPTIONAL_COLUMNS); so is the steps' codec_time_s (seconds
+                    in compressor code per step).
   /events/<column>  one row per batch-size decision (EVENT_COLUMNS; `reason` is a string)
   /layers/<column>  per-parameter stats every N steps (LAYER_COLUMNS; `name` is a string)
 
@@ -48,7 +49,7 @@ _REASON = h5py.string_dtype("utf-8", 512)     # an event says why: a batch decis
 STEP_COLUMNS: dict[str, Any] = {
     "step": np.int64, "epoch": np.int64, "loss": np.float64, "lr": np.float64,
     "global_batch": np.int64, "samples_seen": np.int64, "step_time_s": np.float64,
-    "comm_time_s": np.float64, "wire_bytes": np.int64, "dense_bytes": np.int64,
+    "comm_time_s": np.float64, "wire_bytes": np.int64, "dense_bytes": np.int64, "codec_time_s": np.float64,
 }
 EVAL_COLUMNS: dict[str, Any] = {
     "step": np.int64, "epoch": np.int64, "val_loss": np.float64, "val_accuracy": np.float64,
@@ -64,7 +65,8 @@ LAYER_COLUMNS: dict[str, Any] = {
 }
 GROUPS = {"steps": STEP_COLUMNS, "evals": EVAL_COLUMNS, "events": EVENT_COLUMNS, "layers": LAYER_COLUMNS}
 # Columns a row may leave out (their value then), and the value old logs' rows get on resume.
-OPTIONAL_COLUMNS: dict[str, dict[str, Any]] = {"evals": {"val_psnr": float("nan")}}
+OPTIONAL_COLUMNS: dict[str, dict[str, Any]] = {"evals": {"val_psnr": float("nan")},
+                                               "steps": {"codec_time_s": float("nan")}}
 
 
 class StepLog:
@@ -111,6 +113,8 @@ class StepLog:
                 for column, dtype in columns.items():
                     default = OPTIONAL_COLUMNS.get(group, {}).get(column)
                     data = rows.get(column, np.full(n, default) if default is not None else np.empty(0))
+                    if np.dtype(dtype).kind == "S":       # UTF-8, cut to the column (numpy would encode ASCII)
+                        data = [_fit(v, np.dtype(dtype)).encode() if isinstance(v, str) else v for v in data]
                     g.create_dataset(column, data=np.asarray(data, dtype=dtype), maxshape=(None,),
                                      dtype=dtype, chunks=(1024,))
 
@@ -166,8 +170,8 @@ class DamagedLog(UserError):
 def _fit(value: Any, dtype: np.dtype) -> Any:
     """Strings longer than a fixed-width column are cut (at a character boundary)."""
     if isinstance(value, str) and dtype.kind in ("S", "O"):
-        data = value.encode()[:96]
-        return data.decode("utf-8", "ignore")
+        width = dtype.itemsize if dtype.kind == "S" else _STR.itemsize
+        return value.encode()[:width].decode("utf-8", "ignore")
     return value
 
 

@@ -1,7 +1,7 @@
 """`hpctrain train`: the loop that joins data, model, DistributedOptimizer, log and checkpoints.
 
-The path of a sample: dataset (built-in, HDF5 file or shards) → kept positions (importance
-filtering) → GlobalBatchSampler (this rank's slice of the global batch) → micro-batches on the
+The path of a sample: dataset (built-in, HDF5 file or shards) → kept rows of the train split
+(importance filtering) → GlobalBatchSampler (this rank's slice of the global batch) → micro-batches on the
 device (gradient accumulation above `batch.max_local`) → loss → backward (the optimizer's hooks
 exchange gradients) → step → one row in the step log.
 
@@ -18,6 +18,10 @@ with the new one and falls back past a damaged newest checkpoint; SIGTERM/SIGUSR
 the per-step loss allreduce, so all ranks stop after the same step, checkpoint together and exit
 with `preempt.REQUEUE_EXIT_CODE`; a non-finite or exploding loss stops before any checkpoint of
 the diverged model is written.
+
+Checkpoints: each stateful part of a run is a torch `Stateful` (state_dict / load_state_dict),
+registered once by its key in the checkpoint (`Trainer._register_parts`); saving and resuming
+are loops over them.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +42,18 @@ from tqdm import tqdm
 from hpctrain import __version__, checkpoint, comm, preempt, rundir
 from hpctrain.atomic import write_atomic
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats, GradNormObserver
+from hpctrain.checkpoint import Part
 from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
 from hpctrain.compression.auto import auto_from_config
-from hpctrain.config import Config, task_for
+from hpctrain.config import Config, TrainConfig, task_for
 from hpctrain.data import Dataset, filtering, load_splits
 from hpctrain.data.sampler import GlobalBatchSampler
 from hpctrain.errors import AgreedError, UserError
 from hpctrain.h5log import StepLog
 from hpctrain.models import build_model
 from hpctrain.optimizer import DistributedOptimizer
+from hpctrain.optimizer.distributed import CompressionState
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LOSSES = {"cross_entropy": nn.functional.cross_entropy, "mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss}
@@ -100,29 +106,70 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class GlobalRNG:
+    """The process-wide generators (Python, NumPy, torch, CUDA): rank 0's are saved, every rank
+    loads them (as a fresh run seeds every rank alike)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
 class Progress:
-    """Where training stands; saved in checkpoints."""
+    """Where training stands."""
     step: int = 0
     epoch: int = 0
     samples_seen: int = 0
     global_batch: int = 0
     elapsed_s: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(vars(Progress(**state)))     # in place: the checkpoint part is this object
+
+
+class DivergenceGuard:
+    """Stops every rank on a diverged training loss, before a checkpoint of the diverged model is
+    written; the running minimum it compares with is checkpointed, so a resumed run keeps it."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.min_loss = math.inf
+
+    def check(self, loss: float, step: int, epoch: int) -> None:
+        """The mean loss (the same on every rank) is non-finite or `train.explode_factor` times its running
+        minimum: every rank stops here."""
+        t = self.cfg
+        if not t.abort_on_nan:
+            return
+        if not math.isfinite(loss):
+            raise AgreedError(f"non-finite loss ({loss}) at step {step}, epoch {epoch}; no checkpoint of the "
+                              "diverged model was written: lower train.lr, check the data, or set "
+                              "train.abort_on_nan = false")
+        if t.explode_factor and step > 1 and loss > t.explode_factor * max(self.min_loss, t.explode_floor):
+            raise AgreedError(f"training loss exploded at step {step}, epoch {epoch}: {loss:.4g} is more than "
+                              f"train.explode_factor = {t.explode_factor:g} times its lowest value so far "
+                              f"({self.min_loss:.4g}, floor {t.explode_floor:g}); no checkpoint of the diverged model was "
+                              "written: lower train.lr, or raise train.explode_factor (0 turns the check off)")
+        self.min_loss = min(self.min_loss, loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"min_loss": self.min_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.min_loss = float(state["min_loss"])
 
 
 def data_fingerprint(name: str) -> str:
@@ -154,7 +201,6 @@ class Trainer:
         self.stop = stop or preempt.StopSignals()
         self.lock: rundir.RunLock | None = None
         self.config_changes: list[tuple[str, Any, Any]] = []
-        self.min_loss = math.inf
         self._fingerprint: str | None = None
         self.rank, self.world = comm.rank(), comm.size()
         self.root = self.rank == 0
@@ -181,16 +227,27 @@ class Trainer:
         self.auto = auto_from_config(cfg.compression, comm.local_size())    # compression.name = "auto"
         if self.auto is not None:
             self.auto.attach(self.optimizer)
-        self.train_positions = filtering.training_positions(self.splits.train, cfg.data)
-        self.pruning = filtering.dynamic_pruning(self.splits.train, self.train_positions, cfg.data, cfg.run.seed)
-        self.loss_weights: np.ndarray | None = None     # per train position, set each epoch by dynamic pruning
-        self.sampler = GlobalBatchSampler(self.train_positions, cfg.run.seed, self.rank, self.world)
+        self.train_rows = filtering.training_rows(self.splits.train, cfg.data)
+        self.pruning = filtering.dynamic_pruning(self.splits.train, self.train_rows, cfg.data, cfg.run.seed)
+        self.loss_weights: np.ndarray | None = None     # per row of the train split, set each epoch by dynamic pruning
+        self.sampler = GlobalBatchSampler(self.train_rows, cfg.run.seed, self.rank, self.world)
         self.progress = Progress(global_batch=cfg.batch.initial)
         self.batch = BatchOrchestrator(cfg.batch, cfg.train.lr, self.world, cfg.train.backward_passes_per_step)
         self.grad_norms = GradNormObserver.attach(self.optimizer) if self.batch.needs_grad_norms else GradNormObserver()
         self.loss_fn = resolve_loss(cfg.train.loss)
+        self.guard = DivergenceGuard(cfg.train)
         self.log: StepLog | None = None
         self.log_rows: dict[str, int] | None = None    # log length at the checkpoint resumed from
+        self.parts = self._register_parts()
+
+    def _register_parts(self) -> dict[str, Part]:
+        """The run's stateful parts by their key in a checkpoint, in the order they load: the auto
+        choice sets the compressors whose residuals and memories "compression" then restores."""
+        auto = {"auto": Part(self.auto, optional=True)} if self.auto is not None else {}
+        return {"model": Part(self.model), "optimizer": Part(self.optimizer), **auto,
+                "compression": Part(CompressionState(self.optimizer), per_rank=True),
+                "sampler": Part(self.sampler), "batch": Part(self.batch), "progress": Part(self.progress),
+                "rng": Part(GlobalRNG()), "divergence": Part(self.guard, optional=True)}
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -262,10 +319,9 @@ class Trainer:
         if old_data is not None and old_data != self.data_fingerprint():
             mismatched.append(f"data contents ({self.cfg.data.name}): {old_data or 'built-in'} -> "
                               f"{self.data_fingerprint() or 'built-in'}")
-        if state["world_size"] != self.world and any(s["residual"] is not None
-                                                     for s in state["compression"][0].values()):
-            mismatched.append(f"world size: {state['world_size']} -> {self.world} (the checkpoint holds per-rank "
-                              f"residual memories; resume with -np {state['world_size']})")
+        reason = CompressionState.resumable_at(state["compression"], self.world)
+        if reason:
+            mismatched.append(f"world size: {state['world_size']} -> {self.world} ({reason})")
         if mismatched:
             raise UserError(f"cannot resume from {path}: the run differs from the checkpoint's in "
                             f"{'; '.join(mismatched)}; resume with the checkpoint's settings, or start a new "
@@ -273,28 +329,25 @@ class Trainer:
 
     # -- state -----------------------------------------------------------------------------
     def _resume(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.optimizer.load_compression_state_dict(state["compression"][min(self.rank, len(state["compression"]) - 1)])
-        self.sampler.load_state_dict(state["sampler"])
-        self.batch.load_state_dict(state["batch"])
-        self.progress = Progress(**state["progress"])
+        for name, part in self.parts.items():
+            if name in state or not part.optional:
+                saved = state[name]
+                part.state.load_state_dict(saved[min(self.rank, len(saved) - 1)] if part.per_rank else saved)
         self.log_rows = state["log_rows"]
-        self.min_loss = state.get("min_loss", math.inf)
-        set_rng_state(state["rng"])
 
     def _save(self) -> None:
+        """Every rank hands in its per-rank parts (first: that flushes pending updates); rank 0 writes."""
         start = time.perf_counter()
-        compression = comm.get().allgather_object(self.optimizer.compression_state_dict(), name="ckpt.compression")
+        every_rank = {name: comm.get().allgather_object(part.state.state_dict(), name=f"ckpt.{name}")
+                      for name, part in self.parts.items() if part.per_rank}
         if not self.root:
             return
         checkpoint.save({
             "hpctrain_version": __version__, "config": self.cfg.to_dict(), "world_size": self.world,
-            "data_fingerprint": self.data_fingerprint(), "min_loss": self.min_loss,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "compression": compression, "sampler": self.sampler.state_dict(),
-            "progress": vars(self.progress).copy(), "rng": rng_state(), "batch": self.batch.state_dict(),
+            "data_fingerprint": self.data_fingerprint(),
             "log_rows": self.log.row_counts() if self.log is not None else {},
+            **{name: every_rank[name] if part.per_rank else part.state.state_dict()
+               for name, part in self.parts.items()},
         }, self.cfg.run_dir, self.progress.step, self.cfg.checkpoint.keep)
         self._write_timing(time.perf_counter() - start)
 
@@ -364,9 +417,9 @@ class Trainer:
         if self.root:
             print(f"hpctrain {__version__}: {self.world} rank(s) on {self.device}, "
                   f"{len(self.splits.train)} train / {len(self.splits.val)} val samples, run dir {self.cfg.run_dir}")
-            if len(self.train_positions) < len(self.splits.train):
+            if len(self.train_rows) < len(self.splits.train):
                 d = self.cfg.data
-                print(f"importance filtering: training on {len(self.train_positions)} of {len(self.splits.train)} "
+                print(f"importance filtering: training on {len(self.train_rows)} of {len(self.splits.train)} "
                       f"samples ({d.keep} {d.keep_fraction:g} by {d.score})")
             lines = describe(self.optimizer.policy, self.model.named_parameters())
             print("compression policy:\n  " + "\n  ".join(lines), flush=True)
@@ -375,8 +428,8 @@ class Trainer:
             for epoch in range(self.progress.epoch, self.cfg.train.epochs):
                 self.progress.epoch = epoch
                 if self.pruning is not None:
-                    positions, self.loss_weights = self.pruning.epoch(epoch, self.cfg.train.epochs)
-                    self.sampler.set_positions(positions)
+                    rows, self.loss_weights = self.pruning.epoch(epoch, self.cfg.train.epochs)
+                    self.sampler.set_rows(rows)
                 self.sampler.set_epoch(epoch)
                 if not self._train_epoch():       # max_steps reached inside the epoch
                     self._evaluate()
@@ -421,7 +474,7 @@ class Trainer:
                 step_time = time.perf_counter() - start
                 p.elapsed_s += step_time
                 self._log_step(loss, stats, step_time)
-                self._check_divergence(loss)
+                self.guard.check(loss, p.step, p.epoch)
                 if stop:                          # a stop signal reached some rank: all stop here
                     self._save()
                     if self.world > 1:            # nobody exits (and has the launcher kill the rest)
@@ -442,30 +495,12 @@ class Trainer:
                     self._save()
         return self.sampler.exhausted()
 
-    def _check_divergence(self, loss: float) -> None:
-        """The mean loss (the same on every rank) is non-finite or `train.explode_factor` times its running
-        minimum: every rank stops here, before a checkpoint of the diverged model is written."""
-        t = self.cfg.train
-        if not t.abort_on_nan:
-            return
-        p = self.progress
-        if not math.isfinite(loss):
-            raise AgreedError(f"non-finite loss ({loss}) at step {p.step}, epoch {p.epoch}; no checkpoint of the "
-                              "diverged model was written: lower train.lr, check the data, or set "
-                              "train.abort_on_nan = false")
-        if t.explode_factor and p.step > 1 and loss > t.explode_factor * max(self.min_loss, t.explode_floor):
-            raise AgreedError(f"training loss exploded at step {p.step}, epoch {p.epoch}: {loss:.4g} is more than "
-                              f"train.explode_factor = {t.explode_factor:g} times its lowest value so far "
-                              f"({self.min_loss:.4g}, floor {t.explode_floor:g}); no checkpoint of the diverged model was "
-                              "written: lower train.lr, or raise train.explode_factor (0 turns the check off)")
-        self.min_loss = min(self.min_loss, loss)
-
     def _step(self, local: np.ndarray) -> tuple[float, bool]:
-        """One optimizer step on this rank's positions; returns the loss averaged over ranks, and whether
+        """One optimizer step on this rank's rows; returns the loss averaged over ranks, and whether
         any rank was asked to stop (the request rides the loss allreduce: no extra message)."""
         self.model.train()
         lr = lr_at(self.cfg, self.batch.lr_at(self.progress.step + 1),
-                   self.progress.samples_seen / (self.cfg.train.epochs * len(self.train_positions)))
+                   self.progress.samples_seen / (self.cfg.train.epochs * len(self.train_rows)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = self._micro_batches(local)
@@ -494,12 +529,12 @@ class Trainer:
                             f"have shape {tuple(y.shape[1:])}; the model must output one value per target element")
         return output.reshape(y.shape)
 
-    def _loss(self, output: torch.Tensor, y: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+    def _loss(self, output: torch.Tensor, y: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """The mean of `train.loss`; under dynamic pruning each sample's term carries its InfoBatch weight."""
         output = self._shaped(output, y)
         if self.loss_weights is None:
             return self.loss_fn(output, y)
-        weights = torch.from_numpy(self.loss_weights[positions]).to(output.device)
+        weights = torch.from_numpy(self.loss_weights[rows]).to(output.device)
         try:
             per_sample = self.loss_fn(output, y, reduction="none")
         except TypeError:
@@ -527,8 +562,8 @@ class Trainer:
                        f"({decision.local_batch} x {decision.accumulation} per rank), lr {decision.old_lr:.4g} -> "
                        f"{decision.lr:.4g}: {decision.reason}")
 
-    def _to_device(self, dataset: Dataset, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = dataset.get(positions)
+    def _to_device(self, dataset: Dataset, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = dataset.get(rows)
         return (torch.from_numpy(x).to(self.device, non_blocking=True),
                 torch.from_numpy(y).to(self.device, non_blocking=True))
 
@@ -539,7 +574,8 @@ class Trainer:
         self.log.append("steps", {
             "step": p.step, "epoch": p.epoch, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
             "global_batch": p.global_batch, "samples_seen": p.samples_seen, "step_time_s": step_time,
-            "comm_time_s": stats.comm_time_s, "wire_bytes": stats.wire_bytes, "dense_bytes": stats.dense_bytes})
+            "comm_time_s": stats.comm_time_s, "wire_bytes": stats.wire_bytes, "dense_bytes": stats.dense_bytes,
+            "codec_time_s": stats.codec_time_s})
         every = self.cfg.log.layers_every
         if every and (p.step % every == 0 or p.step == 1):
             self.log.append_many("layers", [

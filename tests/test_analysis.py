@@ -342,3 +342,20 @@ def test_summary_script_writes_csv(logs, tmp_path):
     assert proc.stdout.splitlines()[-1] == f"wrote {tmp_path / 's.csv'}"
     with open(tmp_path / "s.csv") as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["grow", "fp16"]
+
+
+def test_strings_are_cut_at_their_own_column_width(tmp_path):
+    """An event's reason keeps up to 512 bytes (auto's choice names its prediction late in the
+    line); a layer name 96; cuts fall on a character boundary."""
+    from hpctrain.h5log import read_log
+
+    reason = "compression auto: per layer fp16 ×3, " + "x" * 200 + " predicted 1 ms/step" + "é" * 300
+    with StepLog(tmp_path / "log.h5", {"world_size": 1}) as log:
+        log.append("events", {"step": 1, "old_batch": 8, "new_batch": 8, "old_lr": 0.1, "new_lr": 0.1,
+                              "reason": reason, "statistic": 1.0})
+        log.append("layers", {"step": 1, "name": "é" * 60, "compressor": "topk", "wire_bytes": 1,
+                              "dense_bytes": 4, "ratio": 4.0})
+    got = read_log(tmp_path / "log.h5")
+    kept = str(got["events"]["reason"][0])
+    assert "predicted 1 ms/step" in kept and len(kept.encode()) <= 512 and reason.startswith(kept)
+    assert str(got["layers"]["name"][0]) == "é" * 48

@@ -38,6 +38,19 @@ def test_many_ranks_turn_the_allgather_back_to_fp16() -> None:
     assert choose(measured, 4096, network).per_layer["fc.weight"] == "fp16"
 
 
+def test_several_nodes_run_the_sparse_allgather_hierarchically_where_that_is_faster() -> None:
+    """512 ranks, 8 per node: the leaders' allgather has fan-in 63 instead of 511."""
+    measured = Measured(compute_s=0.0, layers={"fc.weight": dict(LAYER)})
+    nodes = Network(Link.parse("10gbit"), ranks_per_node=8)
+    flat = choose(measured, 512, Network(Link.parse("10gbit")))
+    assert not flat.hierarchical and flat.per_layer["fc.weight"] == "fp16"
+    tiered = choose(measured, 512, nodes)
+    assert tiered.hierarchical and tiered.per_layer["fc.weight"] == "adacomp"
+    assert "hierarchical over 64 nodes" in tiered.reason and tiered.predicted_step_s < flat.predicted_step_s
+    shared = choose(measured, 512, Network(Link.parse("10gbit"), ranks_per_node=8, shared=True))
+    assert not shared.hierarchical        # one shared link: nothing to gain by grouping
+
+
 def test_measure_layers_times_real_codecs_and_counts_their_payloads() -> None:
     grads = {"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(0))}
     costs = measure_layers(grads, build_candidates())["w"]
@@ -76,11 +89,13 @@ def test_changing_compressor_carries_the_residual_into_the_next_gradient() -> No
     assert held.abs().sum() > 0
     opt.zero_grad()
     opt.set_compressors({"weight": None})               # dense fp32: no error feedback
-    assert opt.compressor_names == {"weight": "none"} and opt._states[layer.weight].residual is None
+    assert opt.compressor_names == {"weight": "none"}
+    assert torch.equal(opt._states[layer.weight].residual, held)     # pending, and so in a checkpoint
     layer(x).square().sum().backward()
     fresh = layer.weight.grad.clone()
     opt.step()
     assert torch.allclose(layer.weight.grad, fresh + held, atol=1e-6)     # nothing lost
+    assert opt._states[layer.weight].residual is None                     # and added once
     opt.zero_grad()
     opt.set_compressors({"weight": AdaComp()})           # error feedback again: starts empty, memory reset
     assert opt.compressor_names == {"weight": "adacomp"} and opt._states[layer.weight].memory is None
@@ -94,3 +109,11 @@ def test_two_ranks_agree_on_the_choice(engine) -> None:
     passed = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
     assert any(line.startswith("ok auto link=auto:") for line in passed), proc.stdout
     assert any(line.startswith("ok auto link=1mbit:") for line in passed), proc.stdout
+
+
+@pytest.mark.mpi
+def test_auto_turns_the_hierarchical_exchange_on_across_simulated_nodes(engine) -> None:
+    worker = [sys.executable, str(REPO / "tests" / "mpi_workers" / "auto_checks.py")]
+    proc = run_mpi(4, ["hierarchical"], program=worker, timeout=300, engine=engine,
+                   env={"HPCTRAIN_RANKS_PER_NODE": "2"})
+    assert any(line.startswith("ok auto hierarchical:") for line in proc.stdout.splitlines()), proc.stdout

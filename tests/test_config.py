@@ -28,6 +28,7 @@ def test_overrides_are_typed_toml_values():
     ({"train": {"lr": -1.0}}, "train.lr = -1.0 must be positive"),
     ({"data": {"keep_fraction": 1.5}}, "data.keep_fraction = 1.5 must be in (0, 1]"),
     ({"compression": {"rules": {"*.bias": "zip"}}}, "compression.rules.'*.bias' = 'zip'"),
+    ({"compression": {"rules": {"*": "auto"}}}, 'use compression.name = "auto"'),  # auto decides for all layers
     ({"compression": {"adacomp": {"bins": 3}}}, "unknown key 'compression.adacomp.bins'"),
     ({"compression": {"warmup_steps": -1}}, "compression.warmup_steps = -1 must be 0 or positive"),
     ({"compression": {"threshold": {"min_entries": 0}}}, "config: [compression.threshold] Threshold(min_entries=0): must be a positive number of entries"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpctrain import advise
+from hpctrain.commands import advise as advise_command
 from hpctrain.compression.registry import build
 from hpctrain.cost import Layer, Link, Method, Network, parse_rate, predict, site_network
 from hpctrain.cost import collectives as co
@@ -127,7 +128,7 @@ def test_sites_carry_link_figures() -> None:
 # -- hpctrain advise on a real log ----------------------------------------------------------------
 def _advise(args: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    advise.add_arguments(parser)
+    advise_command.add_arguments(parser)
     parsed = parser.parse_args(args)
     parsed.func(parsed)
 

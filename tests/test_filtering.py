@@ -25,7 +25,7 @@ def random_problem(n: int = 503, classes: int = 4, seed: int = 0) -> tuple[np.nd
 def test_select_kept_is_stratified_and_picks_the_right_end(keep, fraction):
     labels, scores = random_problem()
     kept = filtering.select_kept(labels, scores, fraction, keep)
-    assert np.array_equal(kept, np.unique(kept))                              # sorted positions, no repeats
+    assert np.array_equal(kept, np.unique(kept))                              # sorted rows, no repeats
     for c in range(4):
         members = np.flatnonzero(labels == c)
         ranked = members[np.argsort(scores[members])]
@@ -62,23 +62,23 @@ def test_bad_filters_give_one_line(fraction, keep, message):
 
 
 def test_dynamic_pruning_drops_low_scores_and_reweights():
-    positions = np.arange(0, 400, 2)                                          # statically kept positions
-    scores = np.random.default_rng(1).random(len(positions))
-    pruner = filtering.DynamicPruning(positions, scores, num_samples=400, ratio=0.5, seed=3)
-    low = positions[scores < scores.mean()]
+    rows = np.arange(0, 400, 2)                                               # statically kept rows
+    scores = np.random.default_rng(1).random(len(rows))
+    pruner = filtering.DynamicPruning(rows, scores, num_samples=400, ratio=0.5, seed=3)
+    low = rows[scores < scores.mean()]
     trained, weights = pruner.epoch(0, total_epochs=8)
-    assert set(positions[scores >= scores.mean()]) <= set(trained)            # high scores always kept
+    assert set(rows[scores >= scores.mean()]) <= set(trained)            # high scores always kept
     kept_low = np.intersect1d(trained, low)
     assert len(low) - len(kept_low) == int(round(0.5 * len(low)))
     assert np.all(weights[kept_low] == 2.0) and np.all(weights[np.setdiff1d(trained, low)] == 1.0)
-    assert weights[np.setdiff1d(np.arange(400), positions)].sum() == 0
+    assert weights[np.setdiff1d(np.arange(400), rows)].sum() == 0
     again, _ = pruner.epoch(0, total_epochs=8)
     other, _ = pruner.epoch(1, total_epochs=8)
     assert np.array_equal(trained, again) and not np.array_equal(trained, other)
     annealed, weights = pruner.epoch(7, total_epochs=8)                       # last 12.5%: full data
-    assert np.array_equal(annealed, positions) and np.all(weights[positions] == 1.0)
+    assert np.array_equal(annealed, rows) and np.all(weights[rows] == 1.0)
     with pytest.raises(UserError, match=r"data.dynamic_prune = 1.0 must be in \(0, 1\)"):
-        filtering.DynamicPruning(positions, scores, 400, 1.0, 0)
+        filtering.DynamicPruning(rows, scores, 400, 1.0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +92,11 @@ def scored_digits(tmp_path_factory) -> Path:
     return out
 
 
-def test_training_positions_match_scores_by_sample_id(scored_digits):
+def test_training_rows_match_scores_by_sample_id(scored_digits):
     cfg = DataConfig(name=str(scored_digits), keep_fraction=0.6)
     train = load_splits(cfg).train
-    assert np.array_equal(filtering.training_positions(train, DataConfig(name=str(scored_digits))), np.arange(len(train)))
-    kept = filtering.training_positions(train, cfg)
+    assert np.array_equal(filtering.training_rows(train, DataConfig(name=str(scored_digits))), np.arange(len(train)))
+    kept = filtering.training_rows(train, cfg)
     assert np.array_equal(kept, filtering.select_kept(train.labels, np.sin(train.sample_ids * 0.37), 0.6, "hardest"))
 
 
@@ -104,15 +104,15 @@ def test_scores_of_another_dataset_are_refused(scored_digits, tmp_path):
     other = load_splits(DataConfig(name=str(scored_digits))).val           # samples that were not scored
     with pytest.raises(UserError, match=r"scores cover \d+ of the \d+ training samples .sample_id \d+ is missing.: "
                                         r"they are for a different dataset or split"):
-        filtering.training_positions(other, DataConfig(name=str(scored_digits), keep_fraction=0.5))
+        filtering.training_rows(other, DataConfig(name=str(scored_digits), keep_fraction=0.5))
     train = load_splits(DataConfig(name=str(scored_digits))).train
     scoring.write_scores(tmp_path / "s.h5", train.sample_ids, (train.labels + 1) % 10, {"el2n": (np.zeros(len(train)), {})})
     with pytest.raises(UserError, match="labels of the scored samples differ"):
-        filtering.training_positions(train, DataConfig(name=str(scored_digits), keep_fraction=0.5, scores_file=str(tmp_path / "s.h5")))
+        filtering.training_rows(train, DataConfig(name=str(scored_digits), keep_fraction=0.5, scores_file=str(tmp_path / "s.h5")))
     with pytest.raises(UserError, match="has no 'grand' scores"):
-        filtering.training_positions(train, DataConfig(name=str(scored_digits), keep_fraction=0.5, score="grand"))
+        filtering.training_rows(train, DataConfig(name=str(scored_digits), keep_fraction=0.5, score="grand"))
     with pytest.raises(UserError, match="needs scores: set data.scores_file"):
-        filtering.training_positions(train, DataConfig(name="digits", keep_fraction=0.5))
+        filtering.training_rows(train, DataConfig(name="digits", keep_fraction=0.5))
 
 
 SAMPLER_SCRIPT = textwrap.dedent("""
@@ -124,7 +124,7 @@ SAMPLER_SCRIPT = textwrap.dedent("""
     rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
     cfg = DataConfig(name=sys.argv[1], keep_fraction=0.7, keep="middle")
     train = load_splits(cfg, seed=0).train
-    kept = filtering.training_positions(train, cfg)
+    kept = filtering.training_rows(train, cfg)
     sampler = GlobalBatchSampler(kept, seed=0, rank=rank, world_size=size)
     seen = []
     while not sampler.exhausted():
@@ -159,7 +159,7 @@ def test_training_with_filtering_and_dynamic_pruning(scored_digits, tmp_path):
     assert proc.stdout.count(f"importance filtering: training on {n_kept} of {len(train)} samples") == 1
     steps = read_log(tmp_path / "digits" / "log.h5")["steps"]
     cfg = DataConfig(name=str(scored_digits), keep_fraction=0.5, dynamic=True)
-    pruner = filtering.dynamic_pruning(train, filtering.training_positions(train, cfg), cfg, seed=0)
+    pruner = filtering.dynamic_pruning(train, filtering.training_rows(train, cfg), cfg, seed=0)
     epoch0 = len(pruner.epoch(0, total_epochs=2)[0])
     assert steps["samples_seen"][steps["epoch"] == 0][-1] == epoch0 - epoch0 % 2   # the pruned epoch was trained
     assert epoch0 < n_kept

@@ -292,3 +292,21 @@ def test_compression_warmup_sends_dense_then_compresses_with_a_fresh_residual():
     assert wire[0] == wire[1] == 1.0 and wire[2] < 0.3
     assert sum(r is not None for r in residuals) == 3        # the 40x12, 40x40, 3x40 weights; biases bypass
 
+
+
+def test_codec_time_counts_the_compressors_own_work():
+    """codec_time_s: the seconds inside compressor code, none while everything rides the bypass."""
+    model = _mlp()
+    topk = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
+                                compression=Policy(default=TopK(0.1), min_numel=100))
+    _backward(model, 0)
+    topk.step()
+    stats = topk.new_step_stats()
+    assert 0.0 < stats.codec_time_s < 10.0
+    topk.remove_hooks()
+    bypass = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model.named_parameters(),
+                                  compression=Policy(default=None, min_numel=10**9))
+    model.zero_grad()
+    _backward(model, 1)
+    bypass.step()
+    assert bypass.new_step_stats().codec_time_s == 0.0

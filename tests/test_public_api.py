@@ -72,8 +72,8 @@ def test_kept_view_is_the_trainers_kept_set(digits_dir):
 
     ds = ShardDataset(digits_dir)
     kept = ds.kept(keep_fraction=0.6, keep="easiest")
-    expected = filtering.training_positions(ds, DataConfig(name=str(digits_dir), keep_fraction=0.6, keep="easiest"))
-    np.testing.assert_array_equal(kept.positions, expected)
+    expected = filtering.training_rows(ds, DataConfig(name=str(digits_dir), keep_fraction=0.6, keep="easiest"))
+    np.testing.assert_array_equal(kept.rows, expected)
     assert torch.equal(kept.get([0, 1])[0], ds.get(expected[:2])[0])
     same = ShardDataset(digits_dir, keep_fraction=0.6, keep="easiest")
     np.testing.assert_array_equal(same.sample_ids, kept.sample_ids)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hpctrain import checkpoint
+from hpctrain.commands import score as score_command
 from hpctrain.config import Config, DataConfig
 from hpctrain.data import load_splits, scoring, shards
 from hpctrain.data.filtering import select_kept
@@ -98,9 +99,9 @@ def test_scores_file_merges_methods_and_replaces_other_samples(tmp_path, capsys)
 ])
 def test_bad_argument_combinations(argv, message):
     parser = argparse.ArgumentParser()
-    scoring.add_arguments(parser)
+    score_command.add_arguments(parser)
     with pytest.raises(UserError, match=message):
-        scoring._check_arguments(parser.parse_args(["--data", "d"] + argv))
+        score_command.options(parser.parse_args(["--data", "d"] + argv))
 
 
 @pytest.mark.mpi

@@ -105,8 +105,8 @@ def test_each_rank_writes_only_its_shards(npz, tmp_path):
 def test_reader_is_lazy_bounded_and_picklable(npz, tmp_path, monkeypatch):
     src, arrays = npz
     shards.shard(str(src), tmp_path / "d", shard_size=20, chunk_kib=1)    # 17-row chunks
-    monkeypatch.setattr(shards, "MAX_OPEN_FILES", 3)
-    monkeypatch.setattr(shards, "CACHE_BYTES", 3 * 17 * 60)
+    monkeypatch.setattr(shards.read, "MAX_OPEN_FILES", 3)
+    monkeypatch.setattr(shards.read, "CACHE_BYTES", 3 * 17 * 60)
     train = load_splits(DataConfig(name=str(tmp_path / "d"))).train
     assert not train._files                                        # nothing opened before the first read
     assert np.array_equal(read_all(train)[0], arrays["x"])

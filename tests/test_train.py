@@ -57,12 +57,14 @@ def test_two_ranks_write_the_step_log_and_checkpoints(tmp_path, engine):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("compression", ["none", "topk"])
+@pytest.mark.parametrize("compression", ["none", "topk", "auto"])
 def test_resume_on_the_other_engine_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, compression, engine):
-    """Runs and checkpoints on `engine`, resumes on the other one (2 ranks: sums are exact either way)."""
+    """Runs and checkpoints on `engine`, resumes on the other one (2 ranks: sums are exact either way).
+    auto decides after step 3 (on a link so slow that timing noise cannot change its choice) and
+    the resume keeps that choice: the same compressor per layer, no decision after the resume."""
     other = next(e for e in ENGINES if e != engine)
-    common = [f"compression.name={compression}", "compression.min_numel=256", "train.epochs=1",
-              "checkpoint.every_steps=5", "checkpoint.keep=10"]
+    common = [f"compression.name={compression}", "compression.min_numel=256", "compression.link=1kbit",
+              "log.layers_every=1", "train.epochs=1", "checkpoint.every_steps=5", "checkpoint.keep=10"]
     run_mpi(2, _train_args(tmp_path, "run.name=full", *common), engine=engine)
     run_mpi(2, _train_args(tmp_path, "run.name=cut", "train.max_steps=12", *common), engine=engine)
     run_mpi(2, _train_args(tmp_path, "run.name=cut", *common) + ["--resume", str(tmp_path / "cut/checkpoints" / f"step-{10:09d}.pt")],
@@ -71,6 +73,15 @@ def test_resume_on_the_other_engine_reproduces_the_uninterrupted_run_bit_for_bit
     assert cut["steps"]["step"].tolist() == full["steps"]["step"].tolist()
     np.testing.assert_array_equal(cut["steps"]["loss"], full["steps"]["loss"])
     np.testing.assert_array_equal(cut["evals"]["val_loss"], full["evals"]["val_loss"])
+    layers = cut["layers"]
+    assert layers["compressor"].tolist() == full["layers"]["compressor"].tolist()
+    after = {n: c for s, n, c in zip(layers["step"], layers["name"], layers["compressor"]) if s > 10}
+    assert after == {n: c for s, n, c in zip(layers["step"], layers["name"], layers["compressor"]) if s == 10}
+    decided = [s for s, reason in zip(cut["events"]["step"], cut["events"]["reason"])
+               if reason.startswith("compression auto")]
+    assert decided == ([3] if compression == "auto" else [])
+    if compression == "auto":
+        assert set(after.values()) != {"dense"}, after
 
 
 def test_missing_config_file_is_one_line(tmp_path):

@@ -27,6 +27,7 @@ import plotly.graph_objects as go
 
 from hpctrain.atomic import write_atomic
 from hpctrain.data.filtering import KEEP_MODES, select_kept
+from hpctrain.data.scoring import read_scores
 from hpctrain.data.shards import manifest_hash, open_directory
 from hpctrain.errors import UserError
 
@@ -262,8 +263,6 @@ def write_scores_report(data_dir: Path, out: Path, keep_fraction: float | None =
     keep = keep or DEFAULT_KEEP
     if keep not in KEEP_MODES:
         raise UserError(f"--keep {keep!r}: the explorer selects {', '.join(KEEP_MODES)}")
-    from hpctrain.data.scoring import read_scores    # imports torch: not for `hpctrain report --help`
-
     data_dir, out = Path(data_dir), Path(out)
     stored = read_scores(data_dir / "scores.h5")
     if not stored.scores:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 
+from hpctrain import comm, preempt
+from hpctrain.config import check_world_size, load_config
+from hpctrain.errors import AgreedError, UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run configuration (TOML); defaults apply where omitted")
@@ -21,13 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpctrain import preempt
-
     stop = preempt.StopSignals().install()      # from the start: a signal during start-up stops at step 1
-    from hpctrain import comm
-    from hpctrain.config import check_world_size, load_config
-    from hpctrain.errors import AgreedError, UserError
-    from hpctrain.train import Trainer, init_comm   # torch
+    from hpctrain.train import Trainer, init_comm   # torch: not for `hpctrain train --help`
 
     try:
         cfg = load_config(args.config, args.set)      # every rank validates before any work starts

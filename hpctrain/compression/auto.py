@@ -33,7 +33,7 @@ import torch
 
 from hpctrain.compression import registry
 from hpctrain.compression.base import Compressor, ParamState, simulate
-from hpctrain.cost.collectives import flat_allgatherv, flat_allreduce
+from hpctrain.cost.collectives import flat_allgatherv, flat_allreduce, hierarchical_allgatherv
 from hpctrain.cost.links import Link, Network
 from hpctrain.cost.overlap import DEFAULT_OVERLAP, exposed
 
@@ -62,6 +62,7 @@ class Choice:
     predicted_step_s: float
     dense_step_s: float
     reason: str
+    hierarchical: bool = False      # allgather compressors run hierarchically (several nodes)
 
 
 def build_candidates(names: tuple[str, ...] = CANDIDATES,
@@ -94,34 +95,54 @@ def measure_layers(grads: Mapping[str, torch.Tensor], candidates: Mapping[str, C
     return out
 
 
-def _exchange_s(cost: LayerCost, ranks: int, network: Network) -> float:
+def _exchange_s(cost: LayerCost, dense_bytes: float, ranks: int, network: Network, hierarchical: bool) -> float:
+    if cost.kind == "allgather" and hierarchical:
+        return hierarchical_allgatherv(cost.wire_bytes, dense_bytes, ranks, network).seconds
     if cost.kind == "allgather":
         return flat_allgatherv(cost.wire_bytes, ranks, network).seconds
     return flat_allreduce(cost.wire_bytes, ranks, network).seconds
 
 
-def choose(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP) -> Choice:
-    """Per layer the candidate of least exchange + codec seconds at `ranks` on `network`, or dense
-    everywhere when dense communication hides behind backward (see the module docstring)."""
-    dense = {layer: _exchange_s(costs["none"], ranks, network) for layer, costs in measured.layers.items()}
-    dense_exposed, _ = exposed(sum(dense.values()), measured.compute_s, overlap)
-    dense_step = measured.compute_s + dense_exposed
-    if dense_exposed <= 0.0:
-        return Choice({layer: "none" for layer in measured.layers}, dense_step, dense_step,
-                      f"dense everywhere: its {sum(dense.values()) * 1e3:.3g} ms of communication hides behind "
-                      f"{measured.compute_s * 1e3:.3g} ms of compute at P={ranks}")
+def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool,
+          overlap: float) -> tuple[dict[str, str], float]:
+    """Per layer the candidate of least exchange + codec seconds, and the predicted step."""
     per_layer, comm_s, codec_s = {}, 0.0, 0.0
     for layer, costs in measured.layers.items():
-        seconds = {cand: _exchange_s(c, ranks, network) + c.codec_s for cand, c in costs.items()}
+        dense_bytes = costs["none"].wire_bytes
+        seconds = {cand: _exchange_s(c, dense_bytes, ranks, network, hierarchical) + c.codec_s
+                   for cand, c in costs.items()}
         best = min(seconds, key=seconds.get)
         per_layer[layer] = best
         comm_s += seconds[best] - costs[best].codec_s
         codec_s += costs[best].codec_s
-    step = measured.compute_s + codec_s + exposed(comm_s, measured.compute_s, overlap)[0]
+    return per_layer, measured.compute_s + codec_s + exposed(comm_s, measured.compute_s, overlap)[0]
+
+
+def choose(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP) -> Choice:
+    """Per layer the candidate of least exchange + codec seconds at `ranks` on `network`, flat or
+    hierarchical (on several nodes of several ranks, whichever plan is faster), or dense
+    everywhere when dense communication hides behind backward (see the module docstring)."""
+    dense = {layer: _exchange_s(costs["none"], 0.0, ranks, network, False) for layer, costs in measured.layers.items()}
+    dense_exposed, _ = exposed(sum(dense.values()), measured.compute_s, overlap)
+    dense_step = measured.compute_s + dense_exposed
+    if dense_exposed <= 0.0:
+        return Choice({layer: "none" for layer in measured.layers}, dense_step, dense_step,
+                      f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its "
+                      f"{sum(dense.values()) * 1e3:.3g} ms of communication hides behind "
+                      f"{measured.compute_s * 1e3:.3g} ms of compute at P={ranks}")
+    layouts = [False]
+    if network.nodes(ranks) > 1 and min(network.ranks_per_node, ranks) > 1 and not network.shared:
+        layouts.append(True)
+    plans = {h: _plan(measured, ranks, network, h, overlap) for h in layouts}
+    hierarchical = min(plans, key=lambda h: plans[h][1])
+    per_layer, step = plans[hierarchical]
+    hierarchical = hierarchical and any(measured.layers[n][c].kind == "allgather" for n, c in per_layer.items())
     counts = ", ".join(f"{cand} ×{n}" for cand, n in Counter(per_layer.values()).most_common())
+    layout = f", hierarchical over {network.nodes(ranks)} nodes (flat {plans[False][1] * 1e3:.3g} ms)" \
+        if hierarchical else ""
     return Choice(per_layer, step, dense_step,
-                  f"per layer {counts}: predicted {step * 1e3:.3g} ms/step vs dense {dense_step * 1e3:.3g} ms "
-                  f"at P={ranks} on {network.inter}")
+                  f"per layer {counts}{layout}: predicted {step * 1e3:.3g} ms/step vs dense {dense_step * 1e3:.3g} ms "
+                  f"at P={ranks} on {network.inter}", hierarchical)
 
 
 def probe_link(communicator: Any, nbytes: int = PROBE_BYTES) -> Link:
@@ -163,7 +184,11 @@ class AutoCompression:
         return step >= self.warmup_steps and (self.choice is None or global_batch != self.global_batch)
 
     def network(self, communicator: Any) -> Network:
+        """The inter-node link (probed or given) and the node layout. On one node the link joins
+        the ranks themselves (a probe measures what each rank gets), so it is modelled per rank."""
         inter = probe_link(communicator) if self.link == "auto" else Link.parse(self.link)
+        if self.ranks_per_node >= communicator.size:
+            return Network(inter, intra=inter, ranks_per_node=1, label=self.link)
         return Network(inter, ranks_per_node=self.ranks_per_node, label=self.link)
 
     def decide(self, optimizer: Any, grads: Mapping[str, torch.Tensor], compute_s: float, global_batch: int,
@@ -181,8 +206,8 @@ class AutoCompression:
             choice = choose(Measured(compute_s, measure_layers(layers, self.candidates)), communicator.size,
                             network, self.overlap)
         choice = communicator.broadcast_object(choice, root=0, name=f"hpctrain.auto.{step}")
-        optimizer.set_compressors({n: self.candidates[c] for n, c in choice.per_layer.items()})
-        self.choice, self.global_batch = choice, global_batch
+        self._apply(optimizer, choice)
+        self.global_batch = global_batch
         lr = optimizer.param_groups[0]["lr"]
         return {"step": step, "old_batch": global_batch, "new_batch": global_batch, "old_lr": lr, "new_lr": lr,
                 "reason": f"compression auto (global batch {global_batch}): {choice.reason}",
@@ -216,6 +241,27 @@ class AutoCompression:
         self._grads = {}
         self._armed = self.due(step + 1, global_batch)
         return row
+
+    # -- checkpoints (a torch `Stateful`): a resumed run keeps the choice instead of measuring anew -----
+    def state_dict(self) -> dict[str, Any]:
+        """The choice in force, the global batch it was made at, and whether the next step's
+        gradients are to be kept for a decision (after `attach`)."""
+        return {"choice": None if self.choice is None else dict(vars(self.choice)),
+                "global_batch": self.global_batch, "armed": self._armed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """On every rank, after `attach`: the saved choice's compressors from the next step on, so
+        load the optimizer's compression state (their residuals and memories) after this."""
+        self.global_batch, self._armed = state["global_batch"], bool(state["armed"])
+        self.choice = None
+        if state["choice"] is not None:
+            self._apply(self._optimizer, Choice(**state["choice"]))
+
+    def _apply(self, optimizer: Any, choice: Choice) -> None:
+        """Every rank: `choice`'s compressors and layout from the next step on."""
+        optimizer.set_compressors({n: self.candidates[c] for n, c in choice.per_layer.items()})
+        optimizer.set_hierarchical(choice.hierarchical)
+        self.choice = choice
 
 
 def auto_from_config(cfg: Any, ranks_per_node: int = 1) -> AutoCompression | None:

@@ -5,16 +5,26 @@
     methods      what dense, fp16, each compressor and low rank put on the wire, per layer
     overlap      how much communication hides behind backward
     codec        the compressors' own time
-    predict      step time = compute + codec + exposed (latency + bandwidth), and the winner
+    prediction   step time = compute + codec + exposed (latency + bandwidth), and the winner
 
 The equations and their assumptions are in docs/cost-model.md; `hpctrain advise` applies them
 to a run's step log.
 """
-from hpctrain.cost.codec import CodecTime
-from hpctrain.cost.collectives import Cost
-from hpctrain.cost.links import Link, Network, parse_rate, site_network
-from hpctrain.cost.methods import Layer, Method, Op
-from hpctrain.cost.predict import Prediction, Verdict, predict, predict_one
+from __future__ import annotations
 
-__all__ = ["CodecTime", "Cost", "Link", "Network", "parse_rate", "site_network", "Layer", "Method", "Op",
-           "Prediction", "Verdict", "predict", "predict_one"]
+import importlib
+from typing import Any
+
+# Names load on first use: `links` and `overlap` need no torch (`hpctrain advise --help` reads
+# their defaults), `methods` and what builds on it do.
+_WHERE = {"CodecTime": "codec", "Cost": "collectives", "Link": "links", "Network": "links", "parse_rate": "links",
+          "site_network": "links", "Layer": "methods", "Method": "methods", "Op": "methods",
+          "Prediction": "prediction", "Verdict": "prediction", "predict": "prediction",
+          "predict_one": "prediction"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"hpctrain.cost.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'hpctrain.cost' has no attribute {name!r}")

@@ -44,15 +44,15 @@ class ShardDataset(torch.utils.data.Dataset):
         self.task: str = splits.task                            # "classification" or "regression"
         self.target_shape: tuple[int, ...] = tuple(splits.target_shape)
         self.sample_shape: tuple[int, ...] = tuple(splits.input_shape)
-        self.positions = np.arange(len(self._split), dtype=np.int64)   # rows of the split in this view
-        self.positions = self.kept(keep_fraction=keep_fraction, score=score, keep=keep).positions
+        self.rows = np.arange(len(self._split), dtype=np.int64)   # rows of the split in this view
+        self.rows = self.kept(keep_fraction=keep_fraction, score=score, keep=keep).rows
 
     # -- views ---------------------------------------------------------------------------
     def view(self, indices: Sequence[int] | np.ndarray) -> "ShardDataset":
-        """The samples `indices` of this dataset (sharing its reader)."""
+        """The samples `indices` (0 .. len - 1) of this dataset (sharing its reader)."""
         new = object.__new__(ShardDataset)
         new.__dict__.update(self.__dict__)
-        new.positions = self.positions[self._checked(indices)]
+        new.rows = self.rows[self._checked(indices)]
         return new
 
     def kept(self, keep_fraction: float = 1.0, score: str = "el2n", keep: str = "hardest",
@@ -63,27 +63,27 @@ class ShardDataset(torch.utils.data.Dataset):
 
         cfg = dataclasses.replace(self._cfg, keep_fraction=keep_fraction, score=score, keep=keep,
                                   scores_file=str(scores_file) if scores_file else self._cfg.scores_file)
-        return self.view(filtering.training_positions(self, cfg))
+        return self.view(filtering.training_rows(self, cfg))
 
     # -- what filtering and samplers read ------------------------------------------------
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.rows)
 
     @property
     def labels(self) -> np.ndarray:
         """int64 class label of every sample in this view (cheap: from the index, no sample read);
         all 0 for regression data (one stratum)."""
-        return self._split.labels[self.positions]
+        return self._split.labels[self.rows]
 
     @property
     def sample_ids(self) -> np.ndarray:
         """Stable ids (the same across re-shardings): what scores are matched by."""
-        return self._split.sample_ids[self.positions]
+        return self._split.sample_ids[self.rows]
 
     # -- reading -------------------------------------------------------------------------
     def _checked(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self.positions)
+        n = len(self.rows)
         if len(indices) and (indices.min() < -n or indices.max() >= n):
             bad = indices[(indices < -n) | (indices >= n)][0]
             raise IndexError(f"index {bad} is out of range for a ShardDataset of {n} samples")
@@ -92,7 +92,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def get(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch, read in one pass: (x float32 [B, *sample_shape], y int64 [B] class labels, or
         float32 [B, *target_shape] regression targets)."""
-        x, y = self._split.get(self.positions[self._checked(indices)])
+        x, y = self._split.get(self.rows[self._checked(indices)])
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

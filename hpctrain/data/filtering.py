@@ -5,8 +5,9 @@ every rank computes the same kept set without communicating. Selection is strati
 the kept fraction holds per class and no class can vanish. Scores come from `hpctrain score`
 (higher = harder for every method) and are matched to the dataset by sample_id.
 
-The training loop calls `training_positions` once (the kept positions restrict the train split
-before the sampler) and, with `data.dynamic = true`, `DynamicPruning.epoch` at each epoch start.
+Samples are named by their rows in the dataset given (the train split, for the training loop:
+what `Dataset.get` takes). The loop calls `training_rows` once (the kept rows restrict the train
+split before the sampler) and, with `data.dynamic = true`, `DynamicPruning.epoch` at each epoch start.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _check_fraction(keep_fraction: float) -> None:
 
 
 def select_kept(labels: np.ndarray, scores: np.ndarray, keep_fraction: float, keep: str) -> np.ndarray:
-    """Sorted positions to keep, chosen per class; a class left empty is an error, not a silent drop."""
+    """Sorted rows (of `labels`) to keep, chosen per class; a class left empty is an error, not a silent drop."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     _check_fraction(keep_fraction)
     if len(scores) != len(labels):
@@ -87,7 +88,7 @@ def scores_path(data_cfg) -> Path:
 
 
 def matched_scores(dataset, path: Path, method: str) -> np.ndarray:
-    """`method`'s scores aligned to the dataset's positions (matched by sample_id, labels checked)."""
+    """`method`'s scores aligned to the dataset's rows (matched by sample_id, labels checked)."""
     from hpctrain.data.scoring import read_scores
 
     stored = read_scores(path)
@@ -105,8 +106,8 @@ def matched_scores(dataset, path: Path, method: str) -> np.ndarray:
     return values[where]
 
 
-def training_positions(train, data_cfg) -> np.ndarray:
-    """The train-split positions to sample from: all of them, or the kept ones (same on every rank)."""
+def training_rows(train, data_cfg) -> np.ndarray:
+    """The rows of `train` to sample from: all of them, or the kept ones (same on every rank)."""
     _check_fraction(data_cfg.keep_fraction)
     if data_cfg.keep_fraction == 1 and data_cfg.keep in KEEP_MODES:
         return np.arange(len(train), dtype=np.int64)
@@ -116,16 +117,16 @@ def training_positions(train, data_cfg) -> np.ndarray:
 
 @dataclass
 class DynamicPruning:
-    """InfoBatch-style pruning (Qin et al. 2024) over the statically kept positions.
+    """InfoBatch-style pruning (Qin et al. 2024) over the statically kept rows.
 
     Each epoch a random `ratio` of the samples scoring below the mean is left out; the
     low-score samples still trained on get loss weight 1/(1 − ratio), so the expected
     gradient matches full data. The last (1 − ANNEAL_FRACTION) of the epochs use every
     sample with weight 1. Unlike InfoBatch, the score is the static one from scores.h5.
     """
-    positions: np.ndarray          # statically kept train positions
+    rows: np.ndarray               # statically kept rows of the train split
     scores: np.ndarray             # their scores
-    num_samples: int               # size of the train split (weights are indexed by position)
+    num_samples: int               # size of the train split (weights are indexed by row)
     ratio: float
     seed: int
 
@@ -134,24 +135,24 @@ class DynamicPruning:
             raise UserError(f"data.dynamic_prune = {self.ratio} must be in (0, 1), e.g. 0.5")
 
     def epoch(self, epoch: int, total_epochs: int) -> tuple[np.ndarray, np.ndarray]:
-        """(positions to train on this epoch, loss weight of every train position)."""
+        """(rows to train on this epoch, loss weight of every row of the train split)."""
         weights = np.zeros(self.num_samples, dtype=np.float32)
         if epoch >= math.ceil(ANNEAL_FRACTION * total_epochs):
-            weights[self.positions] = 1.0
-            return self.positions, weights
-        low = np.flatnonzero(self.scores < self.scores.mean())
+            weights[self.rows] = 1.0
+            return self.rows, weights
+        low = np.flatnonzero(self.scores < self.scores.mean())     # indices into self.rows
         rng = np.random.default_rng((self.seed, epoch, 0x1B))
         dropped = rng.choice(low, size=int(round(self.ratio * len(low))), replace=False)
-        trained = np.ones(len(self.positions), dtype=bool)
+        trained = np.ones(len(self.rows), dtype=bool)
         trained[dropped] = False
-        weights[self.positions] = 1.0
-        weights[self.positions[np.setdiff1d(low, dropped)]] = 1.0 / (1.0 - self.ratio)
-        return self.positions[trained], weights
+        weights[self.rows] = 1.0
+        weights[self.rows[np.setdiff1d(low, dropped)]] = 1.0 / (1.0 - self.ratio)
+        return self.rows[trained], weights
 
 
-def dynamic_pruning(train, positions: np.ndarray, data_cfg, seed: int) -> DynamicPruning | None:
-    """The per-epoch pruner when `data.dynamic` is on, else None."""
+def dynamic_pruning(train, rows: np.ndarray, data_cfg, seed: int) -> DynamicPruning | None:
+    """The per-epoch pruner over `rows` of `train` when `data.dynamic` is on, else None."""
     if not data_cfg.dynamic:
         return None
-    scores = matched_scores(train, scores_path(data_cfg), data_cfg.score)[positions]
-    return DynamicPruning(positions, scores, len(train), data_cfg.dynamic_prune, seed)
+    scores = matched_scores(train, scores_path(data_cfg), data_cfg.score)[rows]
+    return DynamicPruning(rows, scores, len(train), data_cfg.dynamic_prune, seed)

@@ -1,8 +1,9 @@
 """The distributed sampler: which samples each rank trains on, step by step.
 
-Each epoch is a permutation of the training positions, seeded by (seed, epoch) so every rank
-computes the same one without talking. A cursor counts the samples consumed this epoch; each
-optimizer step takes the next `global_batch` positions and rank r takes its contiguous slice.
+Each epoch is a permutation of the rows to train on (rows of the train split: what
+`Dataset.get` takes), seeded by (seed, epoch) so every rank computes the same one without
+talking. A cursor counts the samples consumed this epoch; each optimizer step takes the next
+`global_batch` rows and rank r takes its contiguous slice.
 Because the cursor is global, the batch size may change mid-epoch (adaptive batch growth) and
 each sample is still seen exactly once per epoch; the cursor is all a checkpoint needs.
 """
@@ -17,15 +18,15 @@ from hpctrain.errors import UserError
 
 
 class GlobalBatchSampler:
-    def __init__(self, positions: np.ndarray, seed: int, rank: int, world_size: int):
-        self.positions = np.asarray(positions, dtype=np.int64)
+    def __init__(self, rows: np.ndarray, seed: int, rank: int, world_size: int):
+        self.rows = np.asarray(rows, dtype=np.int64)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return self.positions[np.random.default_rng((self.seed, epoch)).permutation(len(self.positions))]
+        return self.rows[np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))]
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning, unless resuming inside it (same epoch: keep the cursor)."""
@@ -33,9 +34,9 @@ class GlobalBatchSampler:
             self.epoch, self.cursor = epoch, 0
             self._order = self._permutation(epoch)
 
-    def set_positions(self, positions: np.ndarray) -> None:
+    def set_rows(self, rows: np.ndarray) -> None:
         """Train on another subset from the next epoch on (dynamic pruning); call before set_epoch."""
-        self.positions = np.asarray(positions, dtype=np.int64)
+        self.rows = np.asarray(rows, dtype=np.int64)
         self._order = self._permutation(self.epoch)
 
     def steps_left(self, global_batch: int) -> int:
@@ -50,7 +51,7 @@ class GlobalBatchSampler:
         return self._usable() < self.world_size
 
     def next_batch(self, global_batch: int) -> np.ndarray | None:
-        """This rank's positions for the next step, or None when the epoch is used up.
+        """This rank's rows for the next step, or None when the epoch is used up.
 
         The last batch of an epoch may be smaller; it is split evenly, and the fewer than
         `world_size` samples that cannot be split evenly are left out of that epoch.
@@ -118,7 +119,7 @@ class AdaptiveBatchSampler:
                             f"the world size {self.sampler.world_size}")
 
     def set_epoch(self, epoch: int) -> None:
-        """Shuffle for `epoch` (as DistributedSampler.set_epoch); the same epoch again keeps a resumed position."""
+        """Shuffle for `epoch` (as DistributedSampler.set_epoch); the same epoch again keeps a resumed cursor."""
         if epoch != self.sampler.epoch:
             self.sampler.set_epoch(epoch)
             self._consumed, self._made, self._replay = 0, deque(), []

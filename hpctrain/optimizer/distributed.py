@@ -13,7 +13,7 @@ import contextlib
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -171,6 +171,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self.compressor_names = {self._names[p]: c.name if c is not None else "dense"
                                  for p, c in self._sync.compressors.items()}
 
+    def set_hierarchical(self, on: bool) -> None:
+        """From the next step on, run the one-round allgather compressors hierarchically on a
+        multi-node layout (or flat again); a collective the first time it is turned on, so every
+        rank calls it between the same steps (`compression = "auto"` does)."""
+        self._sync.set_hierarchical(on)
+
+    @property
+    def hierarchical(self) -> bool:
+        """Whether allgather compressors run hierarchically now (a multi-node layout and on)."""
+        return self._sync.nodes is not None
+
     def register_gradient_observer(self, observer: GradientObserver) -> RemovableHandle:
         """Show `observer` every step's gradients before and after the exchange (see
         `GradientObserver`); `handle.remove()` stops it."""
@@ -254,6 +265,29 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def __del__(self) -> None:
         self.remove_hooks()
+
+
+class CompressionState:
+    """One rank's compression state of a `DistributedOptimizer` (residuals, compressor memories)
+    as a torch `Stateful`, for checkpoints that keep every rank's."""
+
+    def __init__(self, optimizer: _DistributedOptimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.compression_state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_compression_state_dict(state)
+
+    @staticmethod
+    def resumable_at(saved: Sequence[Mapping[str, Any]], world_size: int) -> str | None:
+        """Why the states `saved` by every rank of a run cannot be loaded by `world_size` ranks, or
+        None: a residual is what its rank has not sent yet, so it needs the same ranks; compressor
+        memories alone any rank may take over."""
+        if len(saved) == world_size or all(s["residual"] is None for s in saved[0].values()):
+            return None
+        return f"the checkpoint holds per-rank residual memories; resume with -np {len(saved)}"
 
 
 def _check_names(named_parameters: Iterable[tuple[str, torch.Tensor]] | None,

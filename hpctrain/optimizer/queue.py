@@ -15,6 +15,7 @@ nothing, but still passes through the round, so launch orders stay the same ever
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,7 +54,8 @@ class ExchangeQueue:
     def __init__(self, order: list[torch.Tensor], names: dict[torch.Tensor, str], communicator: Communicator,
                  reduction: Reduction, start: Callable[[torch.Tensor, torch.Tensor], Rounds],
                  finish: Callable[[torch.Tensor, torch.Tensor], None],
-                 count_wire: Callable[[torch.Tensor, int, bool], None], spans_nodes: bool = False):
+                 count_wire: Callable[[torch.Tensor, int, bool], None], count_codec: Callable[[float], None],
+                 spans_nodes: bool = False):
         self.order = order            # the launch order, the same on every rank
         self._names = names
         self._comm = communicator
@@ -61,6 +63,7 @@ class ExchangeQueue:
         self._start = start           # (param, gradient) → its rounds
         self._finish = finish         # (param, averaged gradient): store it
         self._count_wire = count_wire           # (param, bytes, whether they cross the inter-node link)
+        self._count_codec = count_codec         # (seconds spent in the compressors' code)
         self.spans_nodes = spans_nodes         # the optimizer's own collectives reach other nodes
         self._launched = 0                                       # how many of `order` have started this step
         self._ready: dict[torch.Tensor, torch.Tensor] = {}       # checked gradients awaiting their turn
@@ -77,8 +80,11 @@ class ExchangeQueue:
         while self._launched < len(self.order) and self.order[self._launched] in self._ready:
             turn = self.order[self._launched]
             self._launched += 1
+            start = time.perf_counter()
             rounds = self._start(turn, self._ready.pop(turn))
-            self._launch(_InFlight(turn, rounds, next(rounds), []))
+            request = next(rounds)                              # encodes the first round
+            self._count_codec(time.perf_counter() - start)
+            self._launch(_InFlight(turn, rounds, request, []))
 
     def new_step(self) -> None:
         """Every gradient of the step has been added: the next ones start the order again."""
@@ -127,10 +133,13 @@ class ExchangeQueue:
         averaged gradient stored), else the next round waits in `item.request` to be launched."""
         received = [work.wait().to(sent.dtype) for work, sent in zip(item.works, item.request.payloads)]
         item.works = []
+        start = time.perf_counter()
         try:
-            item.request = item.rounds.send(received)
+            item.request = item.rounds.send(received)          # decodes, and encodes the next round
         except StopIteration as finished:
+            self._count_codec(time.perf_counter() - start)
             self._finish(item.param, finished.value)
             return True
+        self._count_codec(time.perf_counter() - start)
         item.round += 1
         return False

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from hpctrain.comm.base import Communicator
+from hpctrain.comm.nodes import NodeGroups
 from hpctrain.compression.base import Compressor, ParamState
 from hpctrain.compression.policy import Policy
 from hpctrain.errors import UserError
@@ -34,6 +35,9 @@ class StepStats:
     dense_bytes: int = 0
     inter_bytes: int = 0      # of wire_bytes, those handed to collectives over the inter-node link
     comm_time_s: float = 0.0
+    # Host seconds inside compressor code (encode, decode, between rounds), in backward or in the
+    # wait; on CUDA that is kernel launches, the device's own work shows in the wait.
+    codec_time_s: float = 0.0
     per_param: dict[str, tuple[int, int]] = field(default_factory=dict)   # name → (wire, dense)
 
 
@@ -72,16 +76,17 @@ class GradientSync:
         self._sparse_dim: dict[torch.Tensor, int] = {}     # parameters whose gradients come sparse
         self._reduction = reduction
         # node groups for the hierarchical exchange (a collective: every rank builds the optimizer)
-        self.nodes = communicator.node_groups() if policy.hierarchical and reduction.process_set is None else None
+        self._communicator = communicator
+        self.nodes: NodeGroups | None = None
+        self.set_hierarchical(policy.hierarchical)
         # -- where gradients go: the queue (compressed), the bypass (small), and back via `place`
         self.queue = ExchangeQueue([p for p in reversed(params) if self.compressors[p] is not None], names,
-                                   communicator, reduction, self._rounds, self._store, self._count_wire,
+                                   communicator, reduction, self._rounds, self._store, self._count_wire, self._count_codec,
                                    spans_nodes=communicator.local_size < reduction.size)
         bypassed = [p for p in params if self.compressors[p] is None]
         self.bypass = Bypass(bypassed, f"{names[params[0]]}.bypass" if params else "bypass", communicator, reduction)
         self._place = place                    # the fusion mode's: into p.grad, or aside
         self._seen: set[torch.Tensor] = set()  # submitted this step
-        self._carry: dict[torch.Tensor, torch.Tensor] = {}   # residuals left by a changed compressor
         # -- checks and measurement
         self._index = {p: i for i, p in enumerate(params)}
         self.flags = NonFiniteFlags([names[p] for p in params], reduction.members, reduction.index, reduction.rank)
@@ -112,20 +117,27 @@ class GradientSync:
         compressor = self.compressors[p]
         if compressor is None:
             return False
-        carry = self._carry.pop(p, None)
-        if carry is not None:
-            grad = grad + carry.to(grad.dtype)
+        state = self.states[p]
+        if not compressor.error_feedback and state.residual is not None:   # left by a changed compressor
+            grad = grad + state.residual.to(grad.dtype)
+            state.residual = None
         if compressor.error_feedback and not grad.is_sparse:   # a non-finite gradient must not enter the residual
             grad = torch.where(finite, grad, 0) if grad.is_cuda else grad if bool(finite) else torch.zeros_like(grad)
         self.queue.add(p, grad)
         return True
 
+    def set_hierarchical(self, on: bool) -> None:
+        """Run allgather compressors hierarchically (or flat again) from the next step on. Turning
+        it on builds the node groups on first use: a collective, so every rank calls it at the
+        same step boundary. Stays flat where the ranks do not form several nodes."""
+        self.nodes = self._communicator.node_groups() if on and self._reduction.process_set is None else None
+
     def set_compressors(self, chosen: dict[str, Compressor]) -> None:
         """Send these parameters (by name) with these compressors from the next step on (between
         steps only: nothing in flight). A changed compressor starts with empty memory; its old
         residual stays the residual when the new one has error feedback, else it is added to the
-        parameter's next gradient: nothing the old compressor held back is lost. Parameters on
-        the bypass stay there."""
+        parameter's next gradient (until then it is the state a checkpoint keeps): nothing the
+        old compressor held back is lost. Parameters on the bypass stay there."""
         by_name = {self.names[p]: p for p in self.compressors}
         for name, new in chosen.items():
             p = by_name[name]
@@ -135,10 +147,7 @@ class GradientSync:
             if new == old:
                 continue
             state = self.states[p]
-            state.memory = None
-            if state.residual is not None and not new.error_feedback:
-                self._carry[p] = state.residual
-                state.residual = None
+            state.memory = None      # a residual stays: the new compressor's, or added to the next gradient
             self.compressors[p] = new
 
     def unsent(self) -> Iterator[torch.Tensor]:
@@ -165,6 +174,9 @@ class GradientSync:
     def _rounds(self, p: torch.Tensor, grad: torch.Tensor) -> Rounds:
         return gradient_rounds(grad, self.compressors[p], self.states[p], self.policy, self._reduction,
                                self._sparse_dim.get(p), self.nodes)
+
+    def _count_codec(self, seconds: float) -> None:
+        self.stats.codec_time_s += seconds
 
     def _count_wire(self, p: torch.Tensor, nbytes: int, crosses_nodes: bool = False) -> None:
         self.stats.wire_bytes += nbytes
