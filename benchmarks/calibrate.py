@@ -15,8 +15,8 @@ the α-β collectives, the shared link, and the overlap with backward.
 
 Targets (issue 24): every prediction within 20% of the measurement; the predicted winner's
 measured step within 10% of the measured best; `auto` within 10% of the best fixed method and
-never slower than dense. Step times are medians over the steps after the set-up ones, so short
-runs (`--steps 8` to 12) measure them; accuracy needs benchmarks/link.py's longer runs.
+never slower than dense. Step times are means over the steady steps (`steady`), so short runs
+(`--steps 8` to 12) measure them; accuracy needs benchmarks/link.py's longer runs.
 """
 from __future__ import annotations
 
@@ -85,21 +85,29 @@ def auto_prediction(log: dict) -> float:
 
 def run_cell(model: str, ranks: int, rate: str, args: argparse.Namespace) -> tuple[dict[str, dict], Link]:
     """Probe the link as the ranks see it and train every method in the throttled namespace (with
-    --reuse: read the logs an earlier run left in --out, probing only if it did not); the step logs
-    by method, and the link."""
+    --reuse: only the methods without a finished log in --out, and probe only if no probe is
+    there); the step logs by method, and the link."""
     out = args.out / f"{model}-{ranks}-{rate}"
     logs = {}
     with link.link(rate):
         measured_link = probe(ranks, out / "link.json")
         for method in args.methods:
             path = out / link.run_settings(model, method, args.steps, 1, out)["run.name"] / "log.h5"
-            if not args.reuse:
+            if not (args.reuse and finished(path, args.steps)):
                 result = link.train(method, "horovod", model, ranks, args.steps, 1, out)
                 if result.error:
                     raise UserError(f"{model}, {ranks} ranks, {rate}: {method} failed: {result.error}")
                 print(f"  {model} {ranks} {rate} {method}: {result.step_s * 1e3:.0f} ms/step", file=sys.stderr, flush=True)
             logs[method] = read_log(path)
     return logs, measured_link
+
+
+def finished(path: Path, steps: int) -> bool:
+    """Whether the log at `path` holds all `steps` steps (a killed run's does not)."""
+    try:
+        return path.is_file() and len(read_log(path)["steps"]["step"]) >= steps
+    except UserError:
+        return False
 
 
 def probe(ranks: int, cache: Path) -> Link:
@@ -117,23 +125,35 @@ def probe(ranks: int, cache: Path) -> Link:
     return Link(through, small.seconds / max(1, math.ceil(math.log2(ranks))))
 
 
+def steady(log: dict, column: str) -> float:
+    """Mean of `column` over the steady steps: after the first step sent with the run's final
+    compressors (dense's warm-up, or auto's decision, and that first step's one-time costs: numba
+    compiling, first allocations). A mean, not a median: Threshold re-estimates its threshold
+    every few steps, so its steps alternate between two costs."""
+    steps = log["steps"]
+    decided = [int(s) for s, r in zip(log.get("events", {}).get("step", []), log.get("events", {}).get("reason", []))
+               if str(r).startswith("compression auto")]
+    first = (decided[-1] if decided else link.DENSE_START) + 1
+    return float(np.mean(steps[column][steps["step"] > first]))
+
+
 def analyze(model: str, ranks: int, rate: str, logs: dict[str, dict], shared: Link, args: argparse.Namespace) -> Cell:
     """The model's step time for each fixed method from the dense run's compute time and layer
     shapes, each method's wire ratios and codec time as its own run measured them, on the probed
     `shared` link; the overlap with
     backward is what the dense run shows (`--overlap` unless given)."""
     out = args.out / f"{model}-{ranks}-{rate}"
-    measured = {m: link.summarize(m, log).step_s for m, log in logs.items()}
+    measured = {m: steady(log, "step_time_s") for m, log in logs.items()}
     dense_log = out / link.run_settings(model, "dense", args.steps, 1, out)["run.name"] / "log.h5"
     profile, cfg, log = advise.read_profile(dense_log, link.WARMUP_STEPS)
+    profile.compute_s = steady(logs["dense"], "step_time_s") - steady(logs["dense"], "comm_time_s")
     advise.build_methods(cfg, log, profile, [m for m in args.methods if m in FIXED], False, 0.1, 1500.0)
     for method in profile.methods:
         if method.compressor is not None and method.compressor.kind == "allgather":
             method.ratios = advise.logged_ratios(logs[method.name], method.name, link.DENSE_START) or method.ratios
-        codec_s = advise.logged_codec_s(logs[method.name], link.DENSE_START)
-        if codec_s is None:
+        if "codec_time_s" not in logs[method.name]["steps"]:
             raise UserError(f"{method.name}'s log has no codec_time_s: it predates that column; train again")
-        profile.codecs[method.name] = CodecTime(codec_s, source="measured in its run")
+        profile.codecs[method.name] = CodecTime(steady(logs[method.name], "codec_time_s"), source="measured in its run")
     network = Network(shared, shared=True, label=rate)
     overlap = args.overlap if args.overlap is not None else fitted_overlap(profile, ranks, network, logs["dense"])
     verdict = predict(profile.methods, profile.layers, profile.compute_s, ranks, network, profile.codecs,
@@ -141,7 +161,7 @@ def analyze(model: str, ranks: int, rate: str, logs: dict[str, dict], shared: Li
     predicted = {p.method: p.step_s for p in verdict.predictions}
     if link.AUTO in logs:
         predicted[link.AUTO] = auto_prediction(logs[link.AUTO])
-    comm = {m: (float(np.median(log["steps"]["comm_time_s"][log["steps"]["step"] > link.WARMUP_STEPS])),
+    comm = {m: (steady(log, "comm_time_s"),
                 next((p.comm_s - p.hidden_s for p in verdict.predictions if p.method == m), float("nan")))
             for m, log in logs.items()}
     return Cell(f"{model}, {ranks} ranks, {rate} (probed: {shared}; overlap {overlap:.2f})", measured, predicted,
@@ -154,8 +174,7 @@ def fitted_overlap(profile: advise.Profile, ranks: int, network: Network, dense_
     dense = next(m for m in profile.methods if m.name == "dense")
     modelled = predict([dense], profile.layers, profile.compute_s, ranks, network, overlap=0.0,
                        min_numel=profile.min_numel).predictions[0].comm_s
-    steps = dense_log["steps"]
-    waited = float(np.median(steps["comm_time_s"][steps["step"] > link.WARMUP_STEPS]))
+    waited = steady(dense_log, "comm_time_s")
     return min(1.0, max(0.0, (modelled - waited) / profile.compute_s))
 
 
@@ -181,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, help="fraction of compute that hides communication "
                                                       "(default: fitted to the dense run)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "calibrate")
-    parser.add_argument("--reuse", action="store_true", help="predict again from the logs in --out, training nothing")
+    parser.add_argument("--reuse", action="store_true", help="keep the finished logs in --out: train only what is missing")
     args = parser.parse_args(argv)
     if "dense" not in args.methods:
         args.methods = ["dense", *args.methods]

@@ -182,7 +182,7 @@ def two_nodes_commands(names: tuple[str, str], rate: str, burst: str = BURST, li
     """Two namespaces joined by a veth pair throttled to `rate` each way; loopback left fast."""
     parse_rate(rate)
     commands = [["ip", "netns", "add", name] for name in names]
-    ends = [f"hpcv{i}-{os.getpid() % 10000}" for i in range(2)]       # interface names: 15 characters at most
+    ends = [f"hv{i}-{name.removeprefix(PREFIX + '-')}"[:15] for i, name in enumerate(names)]   # 15 characters at most
     commands.append(["ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1]])
     for i, (name, end) in enumerate(zip(names, ends)):
         inside = ["ip", "netns", "exec", name]

@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from hpctrain.compression.registry import build
 from hpctrain.commands.advise import METHODS   # the options live in a light module, for --help
 from hpctrain.cost import CodecTime, Layer, Link, Method, Network, predict, site_network
 from hpctrain.cost import codec as codec_model
 from hpctrain.cost.links import DEFAULT_INTRA
 from hpctrain.cost.overlap import DEFAULT_OVERLAP, compute_time
+from hpctrain.config import config_from_dict
+from hpctrain.data import load_splits
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
+from hpctrain.models import build_model
 
 # Allgather compressors' wire ratios when nothing can be measured (benchmarks/results/2026-12-01.md,
 # gradient-like rows; SignSGD's is 32 by construction).
@@ -54,8 +59,6 @@ class Profile:
 
 # -- reading the log ------------------------------------------------------------------------------
 def _config(attrs: dict[str, Any]):
-    from hpctrain.config import config_from_dict
-
     raw = attrs.get("config")
     try:
         return config_from_dict(json.loads(raw) if isinstance(raw, str) and raw else {})
@@ -75,11 +78,6 @@ def _layer_sizes(layers: dict[str, np.ndarray], where: str) -> tuple[dict[str, i
 def _shapes(cfg, sizes: dict[str, int]) -> tuple[list[Layer], str]:
     """Rebuild the model on the meta device for the shapes; else treat each gradient as a matrix."""
     try:
-        import torch
-
-        from hpctrain.data import load_splits
-        from hpctrain.models import build_model
-
         splits = load_splits(cfg.data, cfg.run.seed)
         with torch.device("meta"):
             model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.model.args)
@@ -149,8 +147,6 @@ def _codec_bench():
 def measure(method: Method, layers: list[Layer], min_numel: int, min_run_time: float) -> tuple[dict[str, float], CodecTime]:
     """Per compressed layer: wire ratio and codec seconds of the compressor on synthetic
     gradient-like data of the layer's shape (steady state, one rank); clone time for the scatter."""
-    import torch
-
     bench, heavy_tailed_grads = _codec_bench()
     ratios, total, clone_per_byte = {}, 0.0, []
     threads = torch.get_num_threads()
@@ -172,8 +168,6 @@ def measure(method: Method, layers: list[Layer], min_numel: int, min_run_time: f
 
 def build_methods(cfg, log: dict[str, Any], profile: Profile, names: list[str], measure_here: bool,
                   min_run_time: float, memory_gbs: float) -> None:
-    from hpctrain.compression.registry import build
-
     for name in names:
         compressor = None if name == "dense" else build(name, cfg.compression.options.get(name))
         method = Method(name, compressor)

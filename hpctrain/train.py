@@ -43,6 +43,7 @@ from hpctrain import __version__, checkpoint, comm, preempt, rundir
 from hpctrain.atomic import write_atomic
 from hpctrain.batch import BatchDecision, BatchOrchestrator, BatchStats, GradNormObserver
 from hpctrain.checkpoint import Part
+from hpctrain.data.shards import MANIFEST, manifest_hash
 from hpctrain.comm.horovod import apply_environment as horovod_environment
 from hpctrain.compression import describe, policy_from_config
 from hpctrain.compression.auto import auto_from_config
@@ -177,7 +178,6 @@ def data_fingerprint(name: str) -> str:
     (size and mtime beyond 1 GiB), '' for built-in datasets (their recipe is the config)."""
     path = Path(name)
     if path.is_dir():
-        from hpctrain.data.shards import MANIFEST, manifest_hash
         return f"manifest sha256 {manifest_hash(path)}" if (path / MANIFEST).is_file() else ""
     if path.is_file():
         size = path.stat().st_size

@@ -2,6 +2,7 @@
 measurements, rebuilding compressors without losing residuals, and a real 2-rank run per engine."""
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 from hpctrain.compression import AdaComp, Policy, TopK
 from hpctrain.compression.auto import (AutoCompression, LayerCost, Measured, auto_from_config, build_candidates,
-                                       choose, measure_layers)
+                                       choose, cpu_share, fit_to_dense, measure_layers)
 from hpctrain.compression.policy import DENSE, policy_from_config
 from hpctrain.config import CompressionConfig
 from hpctrain.cost import Link, Network
@@ -28,6 +29,22 @@ def test_slow_link_picks_the_sparse_compressor_fast_link_with_compute_stays_dens
     assert slow.predicted_step_s < slow.dense_step_s
     fast = choose(Measured(compute_s=0.5, layers={"fc.weight": dict(LAYER)}), 8, Network(Link.parse("200gbit")))
     assert fast.per_layer == {"fc.weight": "none"} and "hides behind" in fast.reason
+
+
+def test_the_model_is_fitted_to_the_dense_step_the_run_waited_on() -> None:
+    """A wait longer than the modelled exchange: the link is slower than given, nothing hides;
+    shorter: compute hid the difference. Either way the fitted model predicts dense's measured step."""
+    network = Network(Link.parse("200gbit"))
+    modelled = choose(Measured(0.5, {"fc.weight": dict(LAYER)}), 8, network, overlap=0.0).dense_step_s - 0.5
+    slow = Measured(compute_s=0.5, layers={"fc.weight": dict(LAYER)}, waited_s=0.2)
+    fit = fit_to_dense(slow, 8, network)
+    assert fit.overlap == 0.0 and fit.scale == pytest.approx(0.2 / modelled)
+    choice = choose(slow, 8, network)
+    assert choice.dense_step_s == pytest.approx(0.7) and choice.per_layer == {"fc.weight": "adacomp"}
+    assert choice.fit == fit and "exchange ×" in choice.reason
+    hidden = fit_to_dense(Measured(0.5, {"fc.weight": dict(LAYER)}, waited_s=0.0), 8, network)
+    assert hidden.scale == 1.0 and hidden.overlap == pytest.approx(modelled / 0.5)
+    assert fit_to_dense(Measured(0.5, {"fc.weight": dict(LAYER)}), 8, network, overlap=0.3).overlap == 0.3
 
 
 def test_many_ranks_turn_the_allgather_back_to_fp16() -> None:
@@ -117,3 +134,11 @@ def test_auto_turns_the_hierarchical_exchange_on_across_simulated_nodes(engine) 
     proc = run_mpi(4, ["hierarchical"], program=worker, timeout=300, engine=engine,
                    env={"HPCTRAIN_RANKS_PER_NODE": "2"})
     assert any(line.startswith("ok auto hierarchical:") for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_codecs_on_shared_cores_are_priced_at_their_share() -> None:
+    """Four ranks on the cores one process has: each codec runs at (cores / 4) of the speed alone."""
+    cores = len(os.sched_getaffinity(0))
+    grads = {"w": torch.zeros(4)}
+    assert cpu_share(1, grads) == max(1.0, torch.get_num_threads() / cores)
+    assert cpu_share(4 * cores, grads) == 4.0 * torch.get_num_threads()

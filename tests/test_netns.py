@@ -122,3 +122,27 @@ def test_two_ranks_train_inside_a_throttled_namespace(netns_allowed, tmp_path):
     assert list(log["steps"]["step"]) == [1, 2, 3]
     assert (log["steps"]["wire_bytes"] < log["steps"]["dense_bytes"]).all()
     assert len(log["evals"]["val_accuracy"]) == 1
+
+
+def test_two_nodes_are_joined_by_one_throttled_link_and_removed_after(netns_allowed):
+    """Node 1 reaches node 0's address over the veth pair, the kernel counts what node 1 sent,
+    and both namespaces (and the link) are gone afterwards."""
+    commands = netns.two_nodes_commands(("a", "b"), "100mbit")
+    shaped = [c for c in commands if "tbf" in c]
+    assert len(shaped) == 2 and all(c[c.index("rate") + 1] == "100mbit" for c in shaped)
+    script = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).sendall(b'x' * 200000)"
+    with netns.two_nodes("100mbit") as (first, second):
+        assert netns.exists(first.namespace.name) and netns.exists(second.namespace.name)
+        server = subprocess.Popen([*first.exec_prefix(), sys.executable, "-c",
+                                   "import socket, sys; s = socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], "
+                                   "flush=True); c, _ = s.accept(); n = 0\nwhile (b := c.recv(65536)): n += len(b)\nprint(n)",
+                                   first.address], stdout=subprocess.PIPE, text=True)
+        try:
+            port = server.stdout.readline().strip()
+            before = second.sent_bytes()
+            subprocess.run([*second.exec_prefix(), sys.executable, "-c", script, first.address, port], check=True, timeout=30)
+            assert server.stdout.readline().strip() == "200000"
+            assert second.sent_bytes() - before >= 200000
+        finally:
+            server.kill()
+    assert not netns.exists(first.namespace.name) and not netns.exists(second.namespace.name)

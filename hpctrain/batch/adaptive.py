@@ -19,6 +19,8 @@ import re
 from dataclasses import asdict
 from typing import Any, Sequence
 
+import numpy as np
+
 from hpctrain.batch.grad_norms import GradNormObserver
 from hpctrain.batch.orchestrator import BatchDecision, BatchOrchestrator, BatchStats
 from hpctrain.errors import UserError
@@ -187,5 +189,4 @@ class AdaptiveBatch:
 
 
 def _split(items: Sequence[Any], parts: int) -> list[Sequence[Any]]:
-    import numpy as np
     return np.array_split(np.asarray(items), parts)

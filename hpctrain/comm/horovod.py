@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from hpctrain.comm.base import Communicator
+from hpctrain.errors import InvalidArgument, UserError
 
 
 class _Handle:
@@ -51,8 +52,6 @@ class HorovodCommunicator(Communicator):
         return group
 
     def group_ranks(self, group: Any = None) -> list[int]:
-        from hpctrain.errors import InvalidArgument
-
         if group is None or group is self.hvd.global_process_set or getattr(group, "process_set_id", None) == 0:
             return list(range(self.size))
         if not isinstance(group, self.hvd.ProcessSet):
@@ -83,8 +82,6 @@ class HorovodCommunicator(Communicator):
                                                           process_set=self._set(group)))
 
     def new_group(self, ranks: list[int]) -> Any:
-        from hpctrain.errors import UserError
-
         try:
             return self.hvd.add_process_set(list(ranks))
         except (ValueError, RuntimeError) as exc:

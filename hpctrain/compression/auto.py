@@ -6,14 +6,19 @@ rank 0 alone measures:
 
 - compute seconds per step (the caller's timings: step time − exchange time);
 - each candidate's wire ratio and codec seconds on this rank's *real* gradients of each layer
-  (`measure_layers`: the compressor's own code through `simulate`, timed);
+  (`measure_layers`: the compressor's own code through `simulate`, timed; on CPUs scaled by
+  `cpu_share`, as the node's ranks run their codecs at once on its cores);
 - the inter-node link (`compression.link`: a rate, or "auto": `probe_link`, two allreduces
   timed on every rank);
+- at the first decision, what the last dense step waited on its exchange: the model is fitted
+  to it (`fit_to_dense`: the link scaled, or the overlap with backward fitted) so that it
+  predicts the dense step the run really took, and later decisions keep that fit;
 
 and picks per layer (`choose`) by the model of `hpctrain.cost` for the current world size:
-per layer the candidate with the least exchange + codec seconds — unless dense communication
-hides behind backward altogether, when dense everywhere wins (codecs cost time, hidden bytes do
-not). The choice (layer name → candidate name) is broadcast, and every rank rebuilds its
+per layer the candidate with the least exchange + codec seconds, flat or hierarchical on
+several nodes — unless dense communication hides behind backward altogether, when dense
+everywhere wins (codecs cost time, hidden bytes do not). The choice (layer name → candidate
+name, and the layout) is broadcast, and every rank rebuilds its
 per-parameter compressors (`DistributedOptimizer.set_compressors`: residuals of layers whose
 compressor changes go into their next gradient, so nothing is lost). `decide` returns the event
 row the trainer logs in the step log's `events` group, its reason naming the choice.
@@ -24,6 +29,7 @@ step_s, comm_s)`, appending `row` to `events` when it is not None.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +37,7 @@ from typing import Any, Mapping
 
 import torch
 
+from hpctrain import comm
 from hpctrain.compression import registry
 from hpctrain.compression.base import Compressor, ParamState, simulate
 from hpctrain.cost.collectives import flat_allgatherv, flat_allreduce, hierarchical_allgatherv
@@ -51,9 +58,22 @@ class LayerCost:
 
 @dataclass
 class Measured:
-    """What a decision needs: compute per step, and every candidate's cost on every layer."""
+    """What a decision needs: compute per step, every candidate's cost on every layer, and (at
+    the first decision) what the step waited on its dense exchange."""
     compute_s: float
     layers: dict[str, dict[str, LayerCost]] = field(default_factory=dict)   # layer → candidate → cost
+    waited_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The model corrected by a measured dense step: exchange seconds × `scale` (the link is
+    slower than probed or given), and the fraction `overlap` of compute that hides them."""
+    scale: float = 1.0
+    overlap: float = DEFAULT_OVERLAP
+
+    def describe(self) -> str:
+        return f"exchange ×{self.scale:.2g}, overlap {self.overlap:.2f}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,7 @@ class Choice:
     dense_step_s: float
     reason: str
     hierarchical: bool = False      # allgather compressors run hierarchically (several nodes)
+    fit: Fit = Fit()                # kept for the decisions after the first
 
 
 def build_candidates(names: tuple[str, ...] = CANDIDATES,
@@ -71,10 +92,20 @@ def build_candidates(names: tuple[str, ...] = CANDIDATES,
     return {name: registry.build(name, (options or {}).get(name)) for name in names}
 
 
+def cpu_share(local_ranks: int, grads: Mapping[str, torch.Tensor]) -> float:
+    """How much slower a codec runs in the job than when timed alone: on CPUs, the node's ranks
+    run theirs at once on its cores (1 on GPUs: each rank has its own)."""
+    if any(g.is_cuda for g in grads.values()):
+        return 1.0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1.0, local_ranks * torch.get_num_threads() / cores)
+
+
 def measure_layers(grads: Mapping[str, torch.Tensor], candidates: Mapping[str, Compressor | None],
-                   repeats: int = 2) -> dict[str, dict[str, LayerCost]]:
+                   repeats: int = 2, share: float = 1.0) -> dict[str, dict[str, LayerCost]]:
     """Each candidate on each real gradient: bytes of its payloads and the best of `repeats`
-    timed encode + decode (one rank, `simulate`, fresh state: error feedback starting empty)."""
+    timed encode + decode (one rank, `simulate`, fresh state: error feedback starting empty),
+    times `share` (`cpu_share`)."""
     out: dict[str, dict[str, LayerCost]] = {}
     for name, grad in grads.items():
         costs = {}
@@ -90,7 +121,7 @@ def measure_layers(grads: Mapping[str, torch.Tensor], candidates: Mapping[str, C
                 best = min(best, time.perf_counter() - start)
             kinds = {requests[0].kind for requests in rounds}
             costs[cand] = LayerCost(sum(r[0].nbytes for r in rounds), kinds.pop() if len(kinds) == 1 else "allreduce",
-                                    best)
+                                    best * share)
         out[name] = costs
     return out
 
@@ -103,37 +134,51 @@ def _exchange_s(cost: LayerCost, dense_bytes: float, ranks: int, network: Networ
     return flat_allreduce(cost.wire_bytes, ranks, network).seconds
 
 
-def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool,
-          overlap: float) -> tuple[dict[str, str], float]:
+def fit_to_dense(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP) -> Fit:
+    """Make the model reproduce the dense step the run waited on: a longer wait than the modelled
+    exchange means a slower link (scale it, nothing hidden), a shorter one that compute hid the
+    difference (fit the overlap). Without a measured wait: the model as it is."""
+    modelled = sum(_exchange_s(c["none"], 0.0, ranks, network, False) for c in measured.layers.values())
+    if measured.waited_s is None or modelled <= 0.0:
+        return Fit(1.0, overlap)
+    if measured.waited_s >= modelled:
+        return Fit(measured.waited_s / modelled, 0.0)
+    return Fit(1.0, min(1.0, (modelled - measured.waited_s) / max(measured.compute_s, 1e-9)))
+
+
+def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool, fit: Fit) -> tuple[dict[str, str], float]:
     """Per layer the candidate of least exchange + codec seconds, and the predicted step."""
     per_layer, comm_s, codec_s = {}, 0.0, 0.0
     for layer, costs in measured.layers.items():
         dense_bytes = costs["none"].wire_bytes
-        seconds = {cand: _exchange_s(c, dense_bytes, ranks, network, hierarchical) + c.codec_s
+        seconds = {cand: fit.scale * _exchange_s(c, dense_bytes, ranks, network, hierarchical) + c.codec_s
                    for cand, c in costs.items()}
         best = min(seconds, key=seconds.get)
         per_layer[layer] = best
         comm_s += seconds[best] - costs[best].codec_s
         codec_s += costs[best].codec_s
-    return per_layer, measured.compute_s + codec_s + exposed(comm_s, measured.compute_s, overlap)[0]
+    return per_layer, measured.compute_s + codec_s + exposed(comm_s, measured.compute_s, fit.overlap)[0]
 
 
-def choose(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP) -> Choice:
+def choose(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP,
+           fit: Fit | None = None) -> Choice:
     """Per layer the candidate of least exchange + codec seconds at `ranks` on `network`, flat or
     hierarchical (on several nodes of several ranks, whichever plan is faster), or dense
-    everywhere when dense communication hides behind backward (see the module docstring)."""
-    dense = {layer: _exchange_s(costs["none"], 0.0, ranks, network, False) for layer, costs in measured.layers.items()}
-    dense_exposed, _ = exposed(sum(dense.values()), measured.compute_s, overlap)
+    everywhere when dense communication hides behind backward (see the module docstring). The
+    model is first fitted to the measured dense wait (`fit_to_dense`) unless `fit` is given."""
+    fit = fit or fit_to_dense(measured, ranks, network, overlap)
+    dense_comm = fit.scale * sum(_exchange_s(c["none"], 0.0, ranks, network, False) for c in measured.layers.values())
+    dense_exposed, _ = exposed(dense_comm, measured.compute_s, fit.overlap)
     dense_step = measured.compute_s + dense_exposed
+    where = f"at P={ranks} on {network.inter} ({fit.describe()})"
     if dense_exposed <= 0.0:
         return Choice({layer: "none" for layer in measured.layers}, dense_step, dense_step,
-                      f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its "
-                      f"{sum(dense.values()) * 1e3:.3g} ms of communication hides behind "
-                      f"{measured.compute_s * 1e3:.3g} ms of compute at P={ranks}")
+                      f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its {dense_comm * 1e3:.3g} ms of "
+                      f"communication hides behind {measured.compute_s * 1e3:.3g} ms of compute {where}", fit=fit)
     layouts = [False]
     if network.nodes(ranks) > 1 and min(network.ranks_per_node, ranks) > 1 and not network.shared:
         layouts.append(True)
-    plans = {h: _plan(measured, ranks, network, h, overlap) for h in layouts}
+    plans = {h: _plan(measured, ranks, network, h, fit) for h in layouts}
     hierarchical = min(plans, key=lambda h: plans[h][1])
     per_layer, step = plans[hierarchical]
     hierarchical = hierarchical and any(measured.layers[n][c].kind == "allgather" for n, c in per_layer.items())
@@ -142,7 +187,7 @@ def choose(measured: Measured, ranks: int, network: Network, overlap: float = DE
         if hierarchical else ""
     return Choice(per_layer, step, dense_step,
                   f"per layer {counts}{layout}: predicted {step * 1e3:.3g} ms/step vs dense {dense_step * 1e3:.3g} ms "
-                  f"at P={ranks} on {network.inter}", hierarchical)
+                  f"{where}", hierarchical, fit)
 
 
 def probe_link(communicator: Any, nbytes: int = PROBE_BYTES) -> Link:
@@ -192,19 +237,20 @@ class AutoCompression:
         return Network(inter, ranks_per_node=self.ranks_per_node, label=self.link)
 
     def decide(self, optimizer: Any, grads: Mapping[str, torch.Tensor], compute_s: float, global_batch: int,
-               step: int) -> dict[str, Any]:
+               step: int, waited_s: float | None = None) -> dict[str, Any]:
         """Every rank: rank 0 measures `grads` (its own) and chooses, the choice is broadcast,
-        every rank sets its compressors. Returns the step log's `events` row (its columns as
-        batch growth writes them; `statistic` = predicted speedup over dense)."""
-        from hpctrain import comm
-
+        every rank sets its compressors. `waited_s`: what the step waited on its dense exchange
+        (the first decision fits the model to it; later ones keep that fit). Returns the step
+        log's `events` row (its columns as batch growth writes them; `statistic` = predicted
+        speedup over dense)."""
         communicator = comm.get()
         network = self.network(communicator)          # collective when probing: every rank
         choice = None
         if communicator.rank == 0:
             layers = {n: g for n, g in grads.items() if optimizer.compressor_names.get(n, "dense") != "dense"}
-            choice = choose(Measured(compute_s, measure_layers(layers, self.candidates)), communicator.size,
-                            network, self.overlap)
+            measured = measure_layers(layers, self.candidates, share=cpu_share(communicator.local_size, layers))
+            choice = choose(Measured(compute_s, measured, waited_s), communicator.size, network, self.overlap,
+                            self.choice.fit if self.choice is not None else None)
         choice = communicator.broadcast_object(choice, root=0, name=f"hpctrain.auto.{step}")
         self._apply(optimizer, choice)
         self.global_batch = global_batch
@@ -217,8 +263,6 @@ class AutoCompression:
     def attach(self, optimizer: Any) -> None:
         """Watch `optimizer`'s gradients (a `GradientObserver`): rank 0 keeps a copy of the gradients
         of the step before a decision, its real gradients to measure the codecs on."""
-        from hpctrain import comm
-
         self._optimizer, self._root, self._armed, self._grads = optimizer, comm.get().rank == 0, False, {}
         self._names = {p: n for g in optimizer.param_groups for p in g["params"]
                        for n in [optimizer._names.get(p)] if n is not None}
@@ -237,7 +281,9 @@ class AutoCompression:
         then, else None. Arms the capture for the next step the same way on every rank."""
         row = None
         if self._armed and self.due(step, global_batch):
-            row = self.decide(self._optimizer, self._grads, max(step_s - comm_s, 0.0), global_batch, step)
+            dense = self.choice is None               # the first decision follows dense steps
+            row = self.decide(self._optimizer, self._grads, max(step_s - comm_s, 0.0), global_batch, step,
+                              comm_s if dense else None)
         self._grads = {}
         self._armed = self.due(step + 1, global_batch)
         return row

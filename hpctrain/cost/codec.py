@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from hpctrain.cost.methods import Layer, Method
 
 CLONE_MULTIPLES = {"none": 0.0, "fp16": 1.7, "topk": 110.0, "threshold": 3.9, "adacomp": 5.0,
@@ -51,8 +53,6 @@ def modelled(method: Method, layers: list[Layer], memory_bytes_per_s: float, min
 
 
 def _compressed(method: Method, layers: list[Layer], min_numel: int) -> list[str]:
-    import torch
-
     if method.compressor is None:
         return []
     policy = method.policy(min_numel)

@@ -7,6 +7,8 @@ last, cannot hide: 0.5 by default). Codec time is not hidden: it runs on the sam
 """
 from __future__ import annotations
 
+import statistics
+
 DEFAULT_OVERLAP = 0.5
 
 
@@ -18,7 +20,5 @@ def exposed(comm_s: float, compute_s: float, overlap: float = DEFAULT_OVERLAP) -
 
 def compute_time(step_s: list[float], comm_s: list[float], skip: int) -> float:
     """Median of step − exposed comm over the steps after the first `skip` (set-up steps)."""
-    import statistics
-
     values = [s - c for s, c in zip(step_s, comm_s)][skip:] or [s - c for s, c in zip(step_s, comm_s)]
     return statistics.median(values)

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sized
 
 import numpy as np
 
+from hpctrain import comm
 from hpctrain.errors import UserError
 
 
@@ -90,7 +91,6 @@ class AdaptiveBatchSampler:
                  world_size: int | None = None):
         n = data if isinstance(data, (int, np.integer)) else len(data)
         if rank is None or world_size is None:
-            from hpctrain import comm
             rank, world_size = comm.rank() if rank is None else rank, comm.size() if world_size is None else world_size
         if not isinstance(batch, (int, np.integer)) and not hasattr(batch, "global_batch"):
             raise UserError(f"AdaptiveBatchSampler: batch = {batch!r}; give a global batch size or an "

@@ -21,7 +21,8 @@ from torch.utils.hooks import RemovableHandle
 
 from hpctrain import comm
 from hpctrain.compression.base import Compressor, ParamState
-from hpctrain.compression.policy import Policy, as_policy
+from hpctrain.compression.dense import FP16
+from hpctrain.compression.policy import DENSE, Policy, as_policy
 from hpctrain.errors import InvalidArgument
 from hpctrain.optimizer.fusion import Fusion, fusion_mode
 from hpctrain.optimizer.reduction import Reduction, check_groups, check_predivide, reduce_op
@@ -165,8 +166,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """From the next step on, send each named parameter with its compressor (None: dense
         fp32); call between steps (`compression = "auto"` does, see hpctrain/compression/auto.py).
         Residuals of parameters whose compressor changes are not lost (`GradientSync.set_compressors`)."""
-        from hpctrain.compression.policy import DENSE
-
         self._sync.set_compressors({n: DENSE if c is None else c for n, c in chosen.items()})
         self.compressor_names = {self._names[p]: c.name if c is not None else "dense"
                                  for p, c in self._sync.compressors.items()}
@@ -377,7 +376,6 @@ def _from_horovod_compression(compression: Any) -> Any:
     if name == "NoneCompressor":
         return None
     if name == "FP16Compressor":
-        from hpctrain.compression import FP16
         return FP16()
     raise InvalidArgument(f"compression={compression!r}: of Horovod's compressors only Compression.none and "
                           "Compression.fp16 are understood; use an hpctrain.compression compressor")
