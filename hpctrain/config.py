@@ -154,6 +154,9 @@ class CompressionConfig:
     # The inter-node link `name = "auto"` decides for: a rate ("1gbit", "25gbit", "200gbit") or
     # "auto" (a quick allreduce probe at the decision).
     link: str = "auto"
+    # `name = "auto"`: steps measured with the first choice before it is compared with the dense
+    # steps of the warm-up (slower by over 5%: back to dense); 0 trusts the model.
+    check_steps: int = 4
 
 
 @dataclass
@@ -211,7 +214,8 @@ def _validate(cfg: Config) -> None:
         if value <= 0:
             raise UserError(f"config: {key} = {value} must be positive")
     for key, value in {"compression.min_numel": cfg.compression.min_numel,
-                       "compression.warmup_steps": cfg.compression.warmup_steps}.items():
+                       "compression.warmup_steps": cfg.compression.warmup_steps,
+                       "compression.check_steps": cfg.compression.check_steps}.items():
         if value < 0:
             raise UserError(f"config: {key} = {value} must be 0 or positive")
     if not cfg.dist.timeout_s > 0:

@@ -142,3 +142,12 @@ def test_codecs_on_shared_cores_are_priced_at_their_share() -> None:
     grads = {"w": torch.zeros(4)}
     assert cpu_share(1, grads) == max(1.0, torch.get_num_threads() / cores)
     assert cpu_share(4 * cores, grads) == 4.0 * torch.get_num_threads()
+
+
+@pytest.mark.mpi
+def test_a_first_choice_slower_than_the_dense_steps_goes_back_to_dense(engine) -> None:
+    worker = [sys.executable, str(REPO / "tests" / "mpi_workers" / "auto_checks.py")]
+    proc = run_mpi(2, ["check"], program=worker, timeout=300, engine=engine)
+    passed = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
+    assert any(line.startswith("ok auto check slower:") for line in passed), proc.stdout
+    assert any(line.startswith("ok auto check faster:") for line in passed), proc.stdout

@@ -23,6 +23,11 @@ per-parameter compressors (`DistributedOptimizer.set_compressors`: residuals of 
 compressor changes go into their next gradient, so nothing is lost). `decide` returns the event
 row the trainer logs in the step log's `events` group, its reason naming the choice.
 
+The model can be wrong (per-collective overheads it does not describe, a busy machine): after
+the first choice, `compression.check_steps` steps are measured and compared with the dense steps
+of the warm-up at the same global batch; slower by more than CHECK_TOLERANCE and every rank goes back to
+dense, with an `events` row saying so.
+
 The trainer's part: `auto = auto_from_config(cfg.compression, comm.local_size())`, then
 `auto.attach(optimizer)` once and, after each step, `row = auto.step_done(step, global_batch,
 step_s, comm_s)`, appending `row` to `events` when it is not None.
@@ -30,6 +35,7 @@ step_s, comm_s)`, appending `row` to `events` when it is not None.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +51,7 @@ from hpctrain.cost.links import Link, Network
 from hpctrain.cost.overlap import DEFAULT_OVERLAP, exposed
 
 CANDIDATES = ("none", "fp16", "adacomp", "threshold", "lowrank")
+CHECK_TOLERANCE = 0.05    # the first choice slower than dense by more than this: back to dense
 PROBE_BYTES = 4 * 2**20
 
 
@@ -215,14 +222,19 @@ class AutoCompression:
     """Decides per layer when due (see the module docstring); one per optimizer."""
 
     def __init__(self, candidates: Mapping[str, Compressor | None], warmup_steps: int, link: str = "auto",
-                 overlap: float = DEFAULT_OVERLAP, ranks_per_node: int = 1):
+                 overlap: float = DEFAULT_OVERLAP, ranks_per_node: int = 1, check_steps: int = 4):
         self.candidates = dict(candidates)
+        self.check_steps = check_steps                # 0: trust the model (see `_check`)
         self.warmup_steps = max(warmup_steps, 3)     # dense steps first: a few, to measure after
         self.link = link
         self.overlap = overlap
         self.ranks_per_node = ranks_per_node
         self.global_batch: int | None = None          # at the last decision
         self.choice: Choice | None = None
+        # The check of the first choice against the measured dense steps (see `step_done`).
+        self.dense_steps: list[float] = []            # seconds per dense step in the warm-up
+        self.trial: list[float] | None = None         # seconds per step with the choice, while checking
+        self.trial_from = 0
 
     def due(self, step: int, global_batch: int) -> bool:
         """Whether to decide at this step boundary (`step`: optimizer steps done)."""
@@ -252,12 +264,32 @@ class AutoCompression:
             choice = choose(Measured(compute_s, measured, waited_s), communicator.size, network, self.overlap,
                             self.choice.fit if self.choice is not None else None)
         choice = communicator.broadcast_object(choice, root=0, name=f"hpctrain.auto.{step}")
+        first = self.choice is None
         self._apply(optimizer, choice)
         self.global_batch = global_batch
-        lr = optimizer.param_groups[0]["lr"]
+        if first and self.check_steps and set(choice.per_layer.values()) != {"none"} and self.dense_steps:
+            self.trial, self.trial_from = [], step + 2         # the first step after a change pays one-time costs
+        return self._event(step, global_batch, choice.reason, choice.dense_step_s / choice.predicted_step_s)
+
+    def _event(self, step: int, global_batch: int, reason: str, statistic: float) -> dict[str, Any]:
+        lr = self._optimizer.param_groups[0]["lr"]
         return {"step": step, "old_batch": global_batch, "new_batch": global_batch, "old_lr": lr, "new_lr": lr,
-                "reason": f"compression auto (global batch {global_batch}): {choice.reason}",
-                "statistic": choice.dense_step_s / choice.predicted_step_s}
+                "reason": f"compression auto (global batch {global_batch}): {reason}", "statistic": statistic}
+
+    def _check(self, step: int, global_batch: int) -> dict[str, Any] | None:
+        """Rank 0 compares the steps with the first choice to the dense steps of the warm-up (same
+        global batch); slower by more than CHECK_TOLERANCE: every rank goes back to dense. The
+        model is a model: this is what makes auto never slower than dense for long."""
+        trial, dense = statistics.median(self.trial), statistics.median(self.dense_steps)
+        back = comm.get().broadcast_object(trial > (1 + CHECK_TOLERANCE) * dense, root=0, name=f"hpctrain.auto.check.{step}")
+        self.trial = None
+        if not back:
+            return None
+        fallback = Choice({n: "none" for n in self.choice.per_layer}, dense, dense,
+                          f"measured {trial * 1e3:.3g} ms/step with the choice vs dense {dense * 1e3:.3g} ms: back to "
+                          "dense everywhere", fit=self.choice.fit)
+        self._apply(self._optimizer, fallback)
+        return self._event(step, global_batch, fallback.reason, dense / trial)
 
     # -- the trainer's interface: attach once, then step_done at every step boundary -------------
     def attach(self, optimizer: Any) -> None:
@@ -280,8 +312,16 @@ class AutoCompression:
         step's). Decides when due and this step's gradients were kept; returns the `events` row
         then, else None. Arms the capture for the next step the same way on every rank."""
         row = None
+        dense = self.choice is None               # the steps before the first decision are dense
+        if dense and step >= 2:                   # the first step pays the set-up
+            self.dense_steps.append(step_s)
+        if self.trial is not None and step >= self.trial_from and global_batch == self.global_batch:
+            self.trial.append(step_s)
+            if len(self.trial) == self.check_steps:
+                row = self._check(step, global_batch)
+        elif self.trial is not None and global_batch != self.global_batch:
+            self.trial = None                     # a new batch: no dense step to compare with
         if self._armed and self.due(step, global_batch):
-            dense = self.choice is None               # the first decision follows dense steps
             row = self.decide(self._optimizer, self._grads, max(step_s - comm_s, 0.0), global_batch, step,
                               comm_s if dense else None)
         self._grads = {}
@@ -293,12 +333,15 @@ class AutoCompression:
         """The choice in force, the global batch it was made at, and whether the next step's
         gradients are to be kept for a decision (after `attach`)."""
         return {"choice": None if self.choice is None else dict(vars(self.choice)),
-                "global_batch": self.global_batch, "armed": self._armed}
+                "global_batch": self.global_batch, "armed": self._armed, "dense_steps": list(self.dense_steps),
+                "trial": None if self.trial is None else list(self.trial), "trial_from": self.trial_from}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """On every rank, after `attach`: the saved choice's compressors from the next step on, so
         load the optimizer's compression state (their residuals and memories) after this."""
         self.global_batch, self._armed = state["global_batch"], bool(state["armed"])
+        self.dense_steps, self.trial = list(state.get("dense_steps", [])), state.get("trial")
+        self.trial_from = state.get("trial_from", 0)
         self.choice = None
         if state["choice"] is not None:
             self._apply(self._optimizer, Choice(**state["choice"]))
@@ -316,4 +359,4 @@ def auto_from_config(cfg: Any, ranks_per_node: int = 1) -> AutoCompression | Non
         return None
     names = tuple(n for n in CANDIDATES if n != "none")
     return AutoCompression({"none": None, **build_candidates(names, cfg.options)}, cfg.warmup_steps, cfg.link,
-                           ranks_per_node=ranks_per_node)
+                           ranks_per_node=ranks_per_node, check_steps=cfg.check_steps)

@@ -1,6 +1,6 @@
 """`predict`: per method, the step time at P ranks on a network, split into its terms, and the winner.
 
-    step = compute + codec(P) + max(0, latency + bandwidth − overlap · compute)
+    step = compute + codec(P) + latency + bandwidth − min(first-round communication, overlap · compute)
 
 compute is the measured compute time per step (the log's step − comm time), codec the
 compressor's own work, latency and bandwidth the α and β terms of the step's collectives.
@@ -50,6 +50,11 @@ class Verdict:
         return next(p for p in self.predictions if p.method == method)
 
 
+# The rounds that start during backward; a later round (LowRank's Q) needs the first one's result,
+# which arrives after backward, so compute cannot hide it.
+FIRST_ROUNDS = ("grad", "bypass", "P0")
+
+
 def predict_one(method: Method, layers: list[Layer], compute_s: float, ranks: int, network: Network,
                 codec: CodecTime = CodecTime(), hierarchical: bool = False, overlap: float = DEFAULT_OVERLAP,
                 min_numel: int = 1024, fusion_bytes: float = DEFAULT_FUSION_BYTES) -> Prediction:
@@ -61,7 +66,8 @@ def predict_one(method: Method, layers: list[Layer], compute_s: float, ranks: in
         received = received_bytes(ops, network.nodes(ranks))     # the leader scatters N−1 payloads
     else:
         received = received_bytes(ops, ranks)
-    _, hidden = exposed(cost.seconds, compute_s, overlap)
+    first, _ = exchange_cost([op for op in ops if op.round in FIRST_ROUNDS], ranks, network, hierarchical, fusion_bytes)
+    _, hidden = exposed(first.seconds, compute_s, overlap)
     return Prediction(method.name, ranks, hierarchical, compute_s, codec.seconds(received), cost.latency_s,
                       cost.bandwidth_s, hidden, payload_bytes(ops), cost.inter_bytes, count, cost.algorithm)
 

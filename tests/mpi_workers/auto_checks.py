@@ -3,6 +3,8 @@
     python auto_checks.py decide     dense warm-up, rank 0 measures and picks per layer, every rank
                                      applies the same choice and trains on with identical parameters;
                                      a larger global batch decides again; the link is probed
+    python auto_checks.py check      the first choice measured slower than the dense steps goes back
+                                     to dense on every rank; measured faster, it stays
     python auto_checks.py hierarchical   under HPCTRAIN_RANKS_PER_NODE (several simulated nodes) and a
                                      slow link, auto runs the sparse compressor hierarchically
 
@@ -67,7 +69,8 @@ def decide(link: str) -> None:
     auto = AutoCompression(build_candidates(), warmup_steps=3, link=link)
     auto.attach(opt)
     events = train_steps(opt, auto, model, 12)
-    assert [e["step"] for e in events] == [3, 10], events      # batch change: one step to capture the new gradients
+    decisions = [e["step"] for e in events if "back to dense" not in e["reason"]]    # the check may go back at 8
+    assert decisions == [3, 10], events      # batch change: one step to capture the new gradients
     assert all(e["reason"].startswith("compression auto") and ("per layer" in e["reason"] or "dense everywhere" in e["reason"])
                for e in events), events
     if link == "1mbit":                # a slow link: some layer must be compressed, and training goes on
@@ -100,7 +103,38 @@ def hierarchical_checks() -> None:
     ok("auto hierarchical: chose the hierarchical exchange on 2 nodes × 2 over a slow link; parameters identical")
 
 
-CHECKS = {"decide": decide_checks, "hierarchical": hierarchical_checks}
+def check_checks() -> None:
+    """Dense warm-up steps "take" 0.1 s (the seconds handed to step_done are given, so the check's
+    verdict does not depend on this machine's speed); a 1 kbit/s link makes AdaComp the choice."""
+    for after, back in ((0.2, True), (0.05, False)):
+        layer = torch.nn.Linear(64, 64, bias=False)
+        opt = DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), [(f"{after}.w", layer.weight)],
+                                   compression=Policy(default=DENSE, min_numel=16))
+        auto = AutoCompression({"none": None, **build_candidates(("adacomp",))}, warmup_steps=3, link="1kbit")
+        auto.attach(opt)
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(comm.rank()))
+        rows = []
+        for step in range(1, 12):
+            layer(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            dense = auto.choice is None
+            row = auto.step_done(step, 8 * comm.size(), 0.1 if dense else after + 0.01 * comm.rank(), 0.09 if dense else 0.0)
+            rows += [row] if row is not None else []
+        assert "adacomp ×1" in rows[0]["reason"], rows
+        names = comm.get().allgather_object(opt.compressor_names)
+        assert all(n == names[0] for n in names), f"ranks disagree: {names}"
+        if back:
+            assert len(rows) == 2 and rows[1]["step"] == 8 and "back to dense everywhere" in rows[1]["reason"], rows
+            assert names[0] == {f"{after}.w": "none"}, names
+            ok("auto check slower: measured slower than dense, every rank went back to dense at the same step")
+        else:
+            assert len(rows) == 1 and names[0] == {f"{after}.w": "adacomp"}, (rows, names)
+            ok("auto check faster: measured faster than dense, the choice stays")
+        opt.remove_hooks()
+
+
+CHECKS = {"decide": decide_checks, "hierarchical": hierarchical_checks, "check": check_checks}
 
 if __name__ == "__main__":
     comm.init()
