@@ -13,8 +13,8 @@ Both hosts share one host name, so `HPCTRAIN_RANKS_PER_NODE` tells hpctrain the 
 torchrun numbers them: node 0 holds ranks 0..n−1). Step and comm times are medians over the
 steps after the set-up ones. Bytes over the slow link are measured by the kernel (the veth
 counters of both nodes) and counted per step as the difference between a run of `--steps` and
-one of `SHORT_STEPS` (which leaves out set-up traffic: rendezvous, the first broadcast of the
-parameters, evaluation). Needs root (network namespaces, tc).
+one of `SHORT_STEPS` (which leaves out set-up and end-of-run traffic: rendezvous, the first
+broadcast of the parameters, auto's link probe, evaluation, the final checkpoint). Needs root (network namespaces, tc).
 """
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ from hpctrain.errors import UserError  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
 from hpctrain.local_launch import local_env  # noqa: E402
 
-SHORT_STEPS = link.WARMUP_STEPS + 1
+# The short run of the byte difference: past every method's switch to its compressors (the dense
+# start, auto's decision after step 3) and one step with them, so that both runs end with residuals
+# and their final checkpoints (which gather every rank's residuals) cancel out.
+SHORT_STEPS = 4
 SPARSE = ("adacomp", "threshold", "topk")
 PORT = 29611
 

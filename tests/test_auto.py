@@ -119,21 +119,24 @@ def test_changing_compressor_carries_the_residual_into_the_next_gradient() -> No
     opt.remove_hooks()
 
 
+def _worker_passes(ranks: int, check: str, engine: str, env: dict[str, str] | None = None) -> list[str]:
+    """The `ok ...` lines of tests/mpi_workers/auto_checks.py CHECK on `ranks` ranks."""
+    worker = [sys.executable, str(REPO / "tests" / "mpi_workers" / "auto_checks.py")]
+    proc = run_mpi(ranks, [check], program=worker, timeout=300, engine=engine, env=env)
+    return [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
+
+
 @pytest.mark.mpi
 def test_two_ranks_agree_on_the_choice(engine) -> None:
-    worker = [sys.executable, str(REPO / "tests" / "mpi_workers" / "auto_checks.py")]
-    proc = run_mpi(2, ["decide"], program=worker, timeout=300, engine=engine)
-    passed = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert any(line.startswith("ok auto link=auto:") for line in passed), proc.stdout
-    assert any(line.startswith("ok auto link=1mbit:") for line in passed), proc.stdout
+    passed = _worker_passes(2, "decide", engine)
+    assert any(line.startswith("ok auto link=auto:") for line in passed), passed
+    assert any(line.startswith("ok auto link=1mbit:") for line in passed), passed
 
 
 @pytest.mark.mpi
 def test_auto_turns_the_hierarchical_exchange_on_across_simulated_nodes(engine) -> None:
-    worker = [sys.executable, str(REPO / "tests" / "mpi_workers" / "auto_checks.py")]
-    proc = run_mpi(4, ["hierarchical"], program=worker, timeout=300, engine=engine,
-                   env={"HPCTRAIN_RANKS_PER_NODE": "2"})
-    assert any(line.startswith("ok auto hierarchical:") for line in proc.stdout.splitlines()), proc.stdout
+    passed = _worker_passes(4, "hierarchical", engine, env={"HPCTRAIN_RANKS_PER_NODE": "2"})
+    assert any(line.startswith("ok auto hierarchical:") for line in passed), passed
 
 
 def test_codecs_on_shared_cores_are_priced_at_their_share() -> None:
@@ -146,8 +149,6 @@ def test_codecs_on_shared_cores_are_priced_at_their_share() -> None:
 
 @pytest.mark.mpi
 def test_a_first_choice_slower_than_the_dense_steps_goes_back_to_dense(engine) -> None:
-    worker = [sys.executable, str(REPO / "tests" / "mpi_workers" / "auto_checks.py")]
-    proc = run_mpi(2, ["check"], program=worker, timeout=300, engine=engine)
-    passed = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    assert any(line.startswith("ok auto check slower:") for line in passed), proc.stdout
-    assert any(line.startswith("ok auto check faster:") for line in passed), proc.stdout
+    passed = _worker_passes(2, "check", engine)
+    assert any(line.startswith("ok auto check slower:") for line in passed), passed
+    assert any(line.startswith("ok auto check faster:") for line in passed), passed
