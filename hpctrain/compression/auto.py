@@ -141,11 +141,16 @@ def _exchange_s(cost: LayerCost, dense_bytes: float, ranks: int, network: Networ
     return flat_allreduce(cost.wire_bytes, ranks, network).seconds
 
 
+def _dense_exchange_s(measured: Measured, ranks: int, network: Network) -> float:
+    """The modelled seconds of sending every measured layer dense (fp32, flat)."""
+    return sum(_exchange_s(c["none"], 0.0, ranks, network, False) for c in measured.layers.values())
+
+
 def fit_to_dense(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP) -> Fit:
     """Make the model reproduce the dense step the run waited on: a longer wait than the modelled
     exchange means a slower link (scale it, nothing hidden), a shorter one that compute hid the
     difference (fit the overlap). Without a measured wait: the model as it is."""
-    modelled = sum(_exchange_s(c["none"], 0.0, ranks, network, False) for c in measured.layers.values())
+    modelled = _dense_exchange_s(measured, ranks, network)
     if measured.waited_s is None or modelled <= 0.0:
         return Fit(1.0, overlap)
     if measured.waited_s >= modelled:
@@ -174,7 +179,7 @@ def choose(measured: Measured, ranks: int, network: Network, overlap: float = DE
     everywhere when dense communication hides behind backward (see the module docstring). The
     model is first fitted to the measured dense wait (`fit_to_dense`) unless `fit` is given."""
     fit = fit or fit_to_dense(measured, ranks, network, overlap)
-    dense_comm = fit.scale * sum(_exchange_s(c["none"], 0.0, ranks, network, False) for c in measured.layers.values())
+    dense_comm = fit.scale * _dense_exchange_s(measured, ranks, network)
     dense_exposed, _ = exposed(dense_comm, measured.compute_s, fit.overlap)
     dense_step = measured.compute_s + dense_exposed
     where = f"at P={ranks} on {network.inter} ({fit.describe()})"
