@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import link  # noqa: E402
 from hpctrain import advise  # noqa: E402
 from hpctrain.cost import CodecTime, Link, Network, predict  # noqa: E402
+from hpctrain.config import CompressionConfig  # noqa: E402
 from hpctrain.errors import UserError  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
 
@@ -43,6 +44,10 @@ FIXED = ("dense", "fp16", "topk", "threshold", "adacomp", "lowrank")
 METHODS = (*FIXED, link.AUTO)
 ERROR_TARGET, WINNER_TARGET, AUTO_TARGET = 0.20, 0.10, 0.10
 NOISE = 0.03        # run-to-run spread of a median step here: "not slower than dense" allows it
+# auto measures its plans after the decision (compression.trial_plans × (check_steps + 1) steps):
+# it trains that much longer, so its steady steps are as many as the fixed methods'.
+_DEFAULTS = CompressionConfig()
+AUTO_MEASURING_STEPS = _DEFAULTS.trial_plans * (_DEFAULTS.check_steps + 1)
 
 
 @dataclass
@@ -92,9 +97,10 @@ def run_cell(model: str, ranks: int, rate: str, args: argparse.Namespace) -> tup
     with link.link(rate):
         measured_link = probe(ranks, out / "link.json")
         for method in args.methods:
-            path = out / link.run_settings(model, method, args.steps, 1, out)["run.name"] / "log.h5"
-            if not (args.reuse and finished(path, args.steps)):
-                result = link.train(method, "horovod", model, ranks, args.steps, 1, out)
+            steps = args.steps + (AUTO_MEASURING_STEPS if method == link.AUTO else 0)
+            path = out / link.run_settings(model, method, steps, 1, out)["run.name"] / "log.h5"
+            if not (args.reuse and finished(path, steps)):
+                result = link.train(method, "horovod", model, ranks, steps, 1, out)
                 if result.error:
                     raise UserError(f"{model}, {ranks} ranks, {rate}: {method} failed: {result.error}")
                 print(f"  {model} {ranks} {rate} {method}: {result.step_s * 1e3:.0f} ms/step", file=sys.stderr, flush=True)

@@ -19,6 +19,8 @@ from tests.helpers import apt_install
 
 PACKAGES = ["slurm-wlm", "munge"]
 DAEMONS = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch"]
+# A requeued job waits cred_expire + 1 s before it may start again (120 s by default).
+CRED_EXPIRE_S = 10
 # CPUs the node claims (SlurmdParameters=config_overrides lets it claim more than the machine has).
 NODE_CPUS = 4
 
@@ -70,10 +72,11 @@ class SlurmCluster:
             "SlurmctldHost": f"{host}(127.0.0.1)",
             "SlurmctldPort": _free_port(), "SlurmdPort": _free_port(),
             "SlurmUser": "root", "SlurmdUser": "root",
-            "AuthType": "auth/munge", "CredType": "cred/munge", "AuthInfo": f"socket={munge / 'munge.socket'}",
+            "AuthType": "auth/munge", "CredType": "cred/munge", "AuthInfo": f"socket={munge / 'munge.socket'},cred_expire={CRED_EXPIRE_S}",
             "StateSaveLocation": self.root / "state", "SlurmdSpoolDir": self.root / "spool",
             "SlurmctldPidFile": self.root / "slurmctld.pid", "SlurmdPidFile": self.root / "slurmd.pid",
             "SlurmctldLogFile": self.root / "slurmctld.log", "SlurmdLogFile": self.root / "slurmd.log",
+            "TmpFS": self.root / "tmp",       # PMIx's per-step directories: none left behind in /tmp
             # No cgroups, accounting or systemd: plain processes, as in a container.
             "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none",
             "JobAcctGatherType": "jobacct_gather/none", "AccountingStorageType": "accounting_storage/none",
@@ -93,7 +96,7 @@ class SlurmCluster:
 
     def start(self, timeout: float = 30) -> None:
         munge = self.root / "munge"
-        for d in (munge, self.root / "state", self.root / "spool"):
+        for d in (munge, self.root / "state", self.root / "spool", self.root / "tmp"):
             d.mkdir(parents=True)
         munge.chmod(0o755)  # munged wants its socket directory traversable by all
         key = munge / "munge.key"

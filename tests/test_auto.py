@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from hpctrain.compression import AdaComp, Policy, TopK
-from hpctrain.compression.auto import (AutoCompression, LayerCost, Measured, auto_from_config, build_candidates,
-                                       choose, cpu_share, fit_to_dense, measure_layers)
+from hpctrain.compression.auto import (AutoCompression, LayerCost, Measured, alternatives, auto_from_config,
+                                       build_candidates, choose, cpu_share, fit_to_dense, measure_layers)
 from hpctrain.compression.policy import DENSE, policy_from_config
 from hpctrain.config import CompressionConfig
 from hpctrain.cost import Link, Network
@@ -68,6 +68,23 @@ def test_several_nodes_run_the_sparse_allgather_hierarchically_where_that_is_fas
     assert not shared.hierarchical        # one shared link: nothing to gain by grouping
 
 
+def test_alternatives_are_single_candidates_near_the_models_plan() -> None:
+    """What auto measures beside its own plan: each candidate alone where it applies (dense
+    elsewhere), predicted within the window, nearest first; never the plan itself, nor dense."""
+    conv = {**LAYER, "adacomp": LayerCost(4e6, "allreduce", 0.0, applies=False)}
+    measured = Measured(compute_s=0.01, layers={"fc.weight": dict(LAYER), "conv.weight": conv})
+    network = Network(Link.parse("1gbit"))
+    best = choose(measured, 8, network)
+    assert best.per_layer == {"fc.weight": "adacomp", "conv.weight": "fp16"}
+    plans = alternatives(measured, 8, network, best, limit=5, window=100.0)
+    assert [p.per_layer for p in plans] == [{"fc.weight": "fp16", "conv.weight": "fp16"},
+                                            {"fc.weight": "adacomp", "conv.weight": "none"}]
+    assert best.predicted_step_s < plans[0].predicted_step_s < plans[1].predicted_step_s
+    assert [p.per_layer for p in alternatives(measured, 8, network, best, limit=1, window=100.0)] == [plans[0].per_layer]
+    within = plans[0].predicted_step_s / best.predicted_step_s
+    assert alternatives(measured, 8, network, best, limit=5, window=within * 0.99) == []
+
+
 def test_measure_layers_times_real_codecs_and_counts_their_payloads() -> None:
     grads = {"w": torch.randn(256, 256, generator=torch.Generator().manual_seed(0))}
     costs = measure_layers(grads, build_candidates())["w"]
@@ -91,6 +108,31 @@ def test_config_auto_starts_dense_and_builds_the_chooser() -> None:
     auto = auto_from_config(cfg)
     assert auto.warmup_steps == 5 and set(auto.candidates) == {"none", "fp16", "adacomp", "threshold", "lowrank"}
     assert auto_from_config(CompressionConfig(name="topk")) is None
+
+
+def test_a_checkpoint_mid_measuring_keeps_the_plans_still_to_measure() -> None:
+    """Resumed between two plans' measurements, auto goes on where it was: the plan in force, those
+    still to measure, those measured with their step times, and the steps of the one in progress."""
+    from hpctrain.optimizer import DistributedOptimizer
+
+    measured = Measured(compute_s=0.01, layers={"weight": dict(LAYER)})
+    network = Network(Link.parse("1gbit"))
+    best = choose(measured, 8, network)
+    (other,) = alternatives(measured, 8, network, best, limit=1, window=100.0)
+    layer = nn.Linear(64, 64, bias=False)
+    opt = DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), layer.named_parameters(),
+                               compression=Policy(default=DENSE, min_numel=16))
+    candidates = {"none": None, **build_candidates(("fp16", "adacomp"))}
+    saved = AutoCompression(candidates, warmup_steps=3)
+    saved.attach(opt)
+    saved._apply(opt, best)
+    saved.plans, saved.tried, saved.trial, saved.trial_from = [other], [(best, 0.25)], [0.2], 12
+    resumed = AutoCompression(candidates, warmup_steps=3)
+    resumed.attach(opt)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.choice == best and resumed.plans == [other] and resumed.tried == [(best, 0.25)]
+    assert (resumed.trial, resumed.trial_from) == ([0.2], 12) and opt.compressor_names == {"weight": "adacomp"}
+    opt.remove_hooks()
 
 
 def test_changing_compressor_carries_the_residual_into_the_next_gradient() -> None:
@@ -145,6 +187,13 @@ def test_codecs_on_shared_cores_are_priced_at_their_share() -> None:
     grads = {"w": torch.zeros(4)}
     assert cpu_share(1, grads) == max(1.0, torch.get_num_threads() / cores)
     assert cpu_share(4 * cores, grads) == 4.0 * torch.get_num_threads()
+
+
+@pytest.mark.mpi
+def test_the_faster_measured_plan_stays_or_dense_when_every_plan_is_slower(engine) -> None:
+    passed = _worker_passes(2, "race", engine)
+    assert any(line.startswith("ok auto race faster:") for line in passed), passed
+    assert any(line.startswith("ok auto race slower:") for line in passed), passed
 
 
 @pytest.mark.mpi

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -75,6 +76,33 @@ def test_torchrun_launches_the_torch_engine(tmp_path):
     proc = run_torchrun(2, _train_args(tmp_path, 'compression.name="lowrank"', "compression.min_numel=256"))
     assert proc.stdout.count("hpctrain: engine torch.distributed (gloo), 2 rank(s)") == 1, proc.stdout
     assert "val_accuracy" in proc.stdout
+
+
+EXIT_PROBE = """
+import atexit, os, sys
+sys.path.insert(0, {repo!r})
+def threads_left():      # registered first, so it runs after hpctrain's own shutdown
+    names = sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    os.write(1, f"threads left at exit: {{' '.join(names)}}\\n".encode())
+atexit.register(threads_left)
+import torch
+import hpctrain
+hpctrain.init()
+model = torch.nn.Linear(8, 8)
+opt = hpctrain.DistributedOptimizer(torch.optim.Adam(model.parameters()), named_parameters=model.named_parameters())
+model(torch.ones(2, 8)).sum().backward()
+opt.step()
+"""
+
+
+def test_the_torch_engine_ends_gloos_threads_before_the_interpreter_exits(tmp_path):
+    """A Gloo worker thread still alive when Python finalizes aborts the process now and then
+    (it frees a finished collective's tensors and needs the GIL): hpctrain's shutdown must free the
+    process group, even after torch.optim has imported torch._dynamo, which holds on to it."""
+    probe = tmp_path / "exit_probe.py"
+    probe.write_text(EXIT_PROBE.format(repo=str(REPO)))
+    proc = run_torchrun(2, [], program=[sys.executable, str(probe)])
+    assert proc.stdout.count("threads left at exit:") == 2 and "gloo" not in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("how", ["torchrun", "mpirun"])

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch._dynamo  # noqa: F401  before init_process_group: see `TorchCommunicator.shutdown`
 import torch.distributed as td
 
 from hpctrain.comm.base import Communicator
@@ -227,6 +228,11 @@ class TorchCommunicator(Communicator):
         self._run(td.barrier)
 
     def shutdown(self) -> None:
+        """Free the process group while the interpreter is whole, so Gloo's worker threads end here:
+        one still releasing a finished collective's tensors at interpreter exit aborts the process
+        ("terminate called without an active exception"). torch.optim imports torch._dynamo, which,
+        imported after init_process_group, keeps references to the default group that
+        destroy_process_group cannot drop: this module imports it first."""
         if td.is_initialized():
             self._thread.shutdown(wait=True)
             td.destroy_process_group()

@@ -23,10 +23,13 @@ per-parameter compressors (`DistributedOptimizer.set_compressors`: residuals of 
 compressor changes go into their next gradient, so nothing is lost). `decide` returns the event
 row the trainer logs in the step log's `events` group, its reason naming the choice.
 
-The model can be wrong (per-collective overheads it does not describe, a busy machine): after
-the first choice, `compression.check_steps` steps are measured and compared with the dense steps
-of the warm-up at the same global batch; slower by more than CHECK_TOLERANCE and every rank goes back to
-dense, with an `events` row saying so.
+The model can be wrong (per-collective overheads it does not describe, a busy machine), so the
+first decision is settled by measurement, as an autotuner would: the model's plan and up to
+TRIAL_PLANS − 1 alternatives (each candidate alone where it applies, if the model puts it within
+TRIAL_WINDOW of its plan: `alternatives`) run `compression.check_steps` steps each, one after the
+other, and the fastest measured stays — or dense, when even that is slower than the dense steps
+of the warm-up at the same global batch by more than CHECK_TOLERANCE. Each switch is an
+`events` row; the last names every plan's measured step.
 
 The trainer's part: `auto = auto_from_config(cfg.compression, comm.local_size())`, then
 `auto.attach(optimizer)` once and, after each step, `row = auto.step_done(step, global_batch,
@@ -51,16 +54,20 @@ from hpctrain.cost.links import Link, Network
 from hpctrain.cost.overlap import DEFAULT_OVERLAP, exposed
 
 CANDIDATES = ("none", "fp16", "adacomp", "threshold", "lowrank")
-CHECK_TOLERANCE = 0.05    # the first choice slower than dense by more than this: back to dense
+CHECK_TOLERANCE = 0.05    # the fastest plan measured slower than dense by more than this: back to dense
+TRIAL_PLANS = 3           # plans measured at the first decision: the model's and its nearest alternatives
+TRIAL_WINDOW = 1.5        # an alternative is measured when predicted within this factor of the model's plan
 PROBE_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One candidate on one layer, measured: bytes this rank sends, the collective, codec seconds."""
+    """One candidate on one layer, measured: bytes this rank sends, the collective, codec seconds;
+    `applies` False: the compressor does not take this shape (the layer would go dense)."""
     wire_bytes: float
     kind: str
     codec_s: float
+    applies: bool = True
 
 
 @dataclass
@@ -118,7 +125,7 @@ def measure_layers(grads: Mapping[str, torch.Tensor], candidates: Mapping[str, C
         costs = {}
         for cand, compressor in candidates.items():
             if compressor is None or not compressor.applies_to(grad.shape):
-                costs[cand] = LayerCost(grad.numel() * 4, "allreduce", 0.0)
+                costs[cand] = LayerCost(grad.numel() * 4, "allreduce", 0.0, applies=compressor is None)
                 continue
             best, rounds = float("inf"), []
             for _ in range(repeats):
@@ -158,14 +165,19 @@ def fit_to_dense(measured: Measured, ranks: int, network: Network, overlap: floa
     return Fit(1.0, min(1.0, (modelled - measured.waited_s) / max(measured.compute_s, 1e-9)))
 
 
-def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool, fit: Fit) -> tuple[dict[str, str], float]:
-    """Per layer the candidate of least exchange + codec seconds, and the predicted step."""
+def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool, fit: Fit,
+          only: str | None = None) -> tuple[dict[str, str], float]:
+    """Per layer the candidate of least exchange + codec seconds (or `only` where it applies,
+    dense elsewhere), and the predicted step."""
     per_layer, comm_s, codec_s = {}, 0.0, 0.0
     for layer, costs in measured.layers.items():
         dense_bytes = costs["none"].wire_bytes
         seconds = {cand: fit.scale * _exchange_s(c, dense_bytes, ranks, network, hierarchical) + c.codec_s
                    for cand, c in costs.items()}
-        best = min(seconds, key=seconds.get)
+        if only is None:
+            best = min(seconds, key=seconds.get)
+        else:
+            best = only if costs[only].applies else "none"
         per_layer[layer] = best
         comm_s += seconds[best] - costs[best].codec_s
         codec_s += costs[best].codec_s
@@ -182,24 +194,55 @@ def choose(measured: Measured, ranks: int, network: Network, overlap: float = DE
     dense_comm = fit.scale * _dense_exchange_s(measured, ranks, network)
     dense_exposed, _ = exposed(dense_comm, measured.compute_s, fit.overlap)
     dense_step = measured.compute_s + dense_exposed
-    where = f"at P={ranks} on {network.inter} ({fit.describe()})"
+    where = _where(ranks, network, fit)
     if dense_exposed <= 0.0:
         return Choice({layer: "none" for layer in measured.layers}, dense_step, dense_step,
                       f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its {dense_comm * 1e3:.3g} ms of "
                       f"communication hides behind {measured.compute_s * 1e3:.3g} ms of compute {where}", fit=fit)
+    return _laid_out(measured, ranks, network, fit, dense_step, where)
+
+
+def _laid_out(measured: Measured, ranks: int, network: Network, fit: Fit, dense_step: float, where: str,
+              only: str | None = None) -> Choice:
+    """The plan (`_plan`) flat or hierarchical, whichever the model finds faster, as a Choice."""
     layouts = [False]
     if network.nodes(ranks) > 1 and min(network.ranks_per_node, ranks) > 1 and not network.shared:
         layouts.append(True)
-    plans = {h: _plan(measured, ranks, network, h, fit) for h in layouts}
+    plans = {h: _plan(measured, ranks, network, h, fit, only) for h in layouts}
     hierarchical = min(plans, key=lambda h: plans[h][1])
     per_layer, step = plans[hierarchical]
     hierarchical = hierarchical and any(measured.layers[n][c].kind == "allgather" for n, c in per_layer.items())
-    counts = ", ".join(f"{cand} ×{n}" for cand, n in Counter(per_layer.values()).most_common())
+    counts = _counts(per_layer)
     layout = f", hierarchical over {network.nodes(ranks)} nodes (flat {plans[False][1] * 1e3:.3g} ms)" \
         if hierarchical else ""
     return Choice(per_layer, step, dense_step,
                   f"per layer {counts}{layout}: predicted {step * 1e3:.3g} ms/step vs dense {dense_step * 1e3:.3g} ms "
                   f"{where}", hierarchical, fit)
+
+
+def _where(ranks: int, network: Network, fit: Fit) -> str:
+    return f"at P={ranks} on {network.inter} ({fit.describe()})"
+
+
+def _counts(per_layer: Mapping[str, str]) -> str:
+    return ", ".join(f"{cand} ×{n}" for cand, n in Counter(per_layer.values()).most_common())
+
+
+def alternatives(measured: Measured, ranks: int, network: Network, best: Choice, limit: int = TRIAL_PLANS - 1,
+                 window: float = TRIAL_WINDOW) -> list[Choice]:
+    """Plans worth measuring beside the model's `best`: each candidate alone (where it applies,
+    dense elsewhere) that the model predicts within `window` × best's step, nearest first, at
+    most `limit`; none that repeats a plan already listed."""
+    seen, found = [best.per_layer, {layer: "none" for layer in measured.layers}], []     # dense: the warm-up measured it
+    for cand in next(iter(measured.layers.values()), {}):
+        if cand == "none":
+            continue
+        plan = _laid_out(measured, ranks, network, best.fit, best.dense_step_s, _where(ranks, network, best.fit),
+                         only=cand)
+        if plan.per_layer not in seen and plan.predicted_step_s <= window * best.predicted_step_s:
+            seen.append(plan.per_layer)
+            found.append(plan)
+    return sorted(found, key=lambda c: c.predicted_step_s)[:max(0, limit)]
 
 
 def probe_link(communicator: Any, nbytes: int = PROBE_BYTES) -> Link:
@@ -227,19 +270,23 @@ class AutoCompression:
     """Decides per layer when due (see the module docstring); one per optimizer."""
 
     def __init__(self, candidates: Mapping[str, Compressor | None], warmup_steps: int, link: str = "auto",
-                 overlap: float = DEFAULT_OVERLAP, ranks_per_node: int = 1, check_steps: int = 4):
+                 overlap: float = DEFAULT_OVERLAP, ranks_per_node: int = 1, check_steps: int = 4,
+                 trial_plans: int = TRIAL_PLANS, trial_window: float = TRIAL_WINDOW):
         self.candidates = dict(candidates)
-        self.check_steps = check_steps                # 0: trust the model (see `_check`)
+        self.check_steps = check_steps                # 0: trust the model (see `_trial_done`)
+        self.trial_plans, self.trial_window = trial_plans, trial_window
         self.warmup_steps = max(warmup_steps, 3)     # dense steps first: a few, to measure after
         self.link = link
         self.overlap = overlap
         self.ranks_per_node = ranks_per_node
         self.global_batch: int | None = None          # at the last decision
         self.choice: Choice | None = None
-        # The check of the first choice against the measured dense steps (see `step_done`).
+        # The first decision settled by measurement (see `step_done`): plans tried one by one.
         self.dense_steps: list[float] = []            # seconds per dense step in the warm-up
-        self.trial: list[float] | None = None         # seconds per step with the choice, while checking
+        self.trial: list[float] | None = None         # seconds per step with the plan in force, while measuring
         self.trial_from = 0
+        self.plans: list[Choice] = []                 # still to measure after the one in force
+        self.tried: list[tuple[Choice, float]] = []   # measured: plan, median seconds per step
 
     def due(self, step: int, global_batch: int) -> bool:
         """Whether to decide at this step boundary (`step`: optimizer steps done)."""
@@ -262,39 +309,69 @@ class AutoCompression:
         speedup over dense)."""
         communicator = comm.get()
         network = self.network(communicator)          # collective when probing: every rank
-        choice = None
+        first = self.choice is None
+        measuring = first and self.check_steps > 0 and bool(self.dense_steps)
+        plans = None
         if communicator.rank == 0:
             layers = {n: g for n, g in grads.items() if optimizer.compressor_names.get(n, "dense") != "dense"}
-            measured = measure_layers(layers, self.candidates, share=cpu_share(communicator.local_size, layers))
-            choice = choose(Measured(compute_s, measured, waited_s), communicator.size, network, self.overlap,
+            measured = Measured(compute_s, measure_layers(layers, self.candidates,
+                                                          share=cpu_share(communicator.local_size, layers)), waited_s)
+            choice = choose(measured, communicator.size, network, self.overlap,
                             self.choice.fit if self.choice is not None else None)
-        choice = communicator.broadcast_object(choice, root=0, name=f"hpctrain.auto.{step}")
-        first = self.choice is None
+            plans = [choice]
+            if measuring and set(choice.per_layer.values()) != {"none"}:
+                plans += alternatives(measured, communicator.size, network, choice, self.trial_plans - 1,
+                                      self.trial_window)
+        choice, *others = communicator.broadcast_object(plans, root=0, name=f"hpctrain.auto.{step}")
         self._apply(optimizer, choice)
         self.global_batch = global_batch
-        if first and self.check_steps and set(choice.per_layer.values()) != {"none"} and self.dense_steps:
-            self.trial, self.trial_from = [], step + 2         # the first step after a change pays one-time costs
+        if measuring and set(choice.per_layer.values()) != {"none"}:
+            self.plans, self.tried = others, []
+            self._start_trial(step)
         return self._event(step, global_batch, choice.reason, choice.dense_step_s / choice.predicted_step_s)
+
+    def _start_trial(self, step: int) -> None:
+        self.trial, self.trial_from = [], step + 2         # the first step after a change pays one-time costs
 
     def _event(self, step: int, global_batch: int, reason: str, statistic: float) -> dict[str, Any]:
         lr = self._optimizer.param_groups[0]["lr"]
         return {"step": step, "old_batch": global_batch, "new_batch": global_batch, "old_lr": lr, "new_lr": lr,
                 "reason": f"compression auto (global batch {global_batch}): {reason}", "statistic": statistic}
 
-    def _check(self, step: int, global_batch: int) -> dict[str, Any] | None:
-        """Rank 0 compares the steps with the first choice to the dense steps of the warm-up (same
-        global batch); slower by more than CHECK_TOLERANCE: every rank goes back to dense. The
-        model is a model: this is what makes auto never slower than dense for long."""
-        trial, dense = statistics.median(self.trial), statistics.median(self.dense_steps)
-        back = comm.get().broadcast_object(trial > (1 + CHECK_TOLERANCE) * dense, root=0, name=f"hpctrain.auto.check.{step}")
+    def _trial_done(self, step: int, global_batch: int) -> dict[str, Any] | None:
+        """The plan in force has run its `check_steps`: measure the next plan, or settle on the
+        fastest measured (rank 0's medians, broadcast, so every rank settles alike) — dense when
+        that is slower than the dense steps of the warm-up (same global batch) by more than
+        CHECK_TOLERANCE. The model is a model: this is what makes auto never slower than dense,
+        nor than the alternatives it measured, for long. An `events` row when the plan changes."""
+        communicator = comm.get()
+        seconds, dense = communicator.broadcast_object(
+            (statistics.median(self.trial), statistics.median(self.dense_steps)), root=0, name=f"hpctrain.auto.trial.{step}")
+        self.tried.append((self.choice, seconds))
         self.trial = None
-        if not back:
-            return None
-        fallback = Choice({n: "none" for n in self.choice.per_layer}, dense, dense,
-                          f"measured {trial * 1e3:.3g} ms/step with the choice vs dense {dense * 1e3:.3g} ms: back to "
-                          "dense everywhere", fit=self.choice.fit)
-        self._apply(self._optimizer, fallback)
-        return self._event(step, global_batch, fallback.reason, dense / trial)
+        if self.plans:
+            plan = self.plans.pop(0)
+            self._apply(self._optimizer, plan)
+            self._start_trial(step)
+            return self._event(step, global_batch, f"measuring the alternative {plan.reason} (the plan before "
+                               f"it measured {seconds * 1e3:.3g} ms/step)", plan.dense_step_s / plan.predicted_step_s)
+        best, best_s = min(self.tried, key=lambda tried: tried[1])
+        summary = "; ".join(f"{_counts(c.per_layer)} {s * 1e3:.3g} ms" for c, s in self.tried)
+        tried, self.tried = len(self.tried), []
+        if best_s > (1 + CHECK_TOLERANCE) * dense:
+            keep = Choice({n: "none" for n in best.per_layer}, dense, dense,
+                          f"measured {summary} per step vs dense {dense * 1e3:.3g} ms: back to dense everywhere",
+                          fit=best.fit)
+        elif tried == 1:
+            return None                   # the one plan measured no slower than dense: it stays
+        else:
+            keep = Choice(best.per_layer, best.predicted_step_s, best.dense_step_s,
+                          f"keeps {best.reason}; measured {summary} per step vs dense {dense * 1e3:.3g} ms",
+                          best.hierarchical, best.fit)
+        if (keep.per_layer, keep.hierarchical) != (self.choice.per_layer, self.choice.hierarchical):
+            self._apply(self._optimizer, keep)
+        self.choice = keep
+        return self._event(step, global_batch, keep.reason, dense / min(best_s, dense))
 
     # -- the trainer's interface: attach once, then step_done at every step boundary -------------
     def attach(self, optimizer: Any) -> None:
@@ -323,9 +400,9 @@ class AutoCompression:
         if self.trial is not None and step >= self.trial_from and global_batch == self.global_batch:
             self.trial.append(step_s)
             if len(self.trial) == self.check_steps:
-                row = self._check(step, global_batch)
+                row = self._trial_done(step, global_batch)
         elif self.trial is not None and global_batch != self.global_batch:
-            self.trial = None                     # a new batch: no dense step to compare with
+            self.trial, self.plans, self.tried = None, [], []   # a new batch: no dense step to compare with
         if self._armed and self.due(step, global_batch):
             row = self.decide(self._optimizer, self._grads, max(step_s - comm_s, 0.0), global_batch, step,
                               comm_s if dense else None)
@@ -339,7 +416,8 @@ class AutoCompression:
         gradients are to be kept for a decision (after `attach`)."""
         return {"choice": None if self.choice is None else dict(vars(self.choice)),
                 "global_batch": self.global_batch, "armed": self._armed, "dense_steps": list(self.dense_steps),
-                "trial": None if self.trial is None else list(self.trial), "trial_from": self.trial_from}
+                "trial": None if self.trial is None else list(self.trial), "trial_from": self.trial_from,
+                "plans": [dict(vars(c)) for c in self.plans], "tried": [(dict(vars(c)), s) for c, s in self.tried]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """On every rank, after `attach`: the saved choice's compressors from the next step on, so
@@ -347,6 +425,8 @@ class AutoCompression:
         self.global_batch, self._armed = state["global_batch"], bool(state["armed"])
         self.dense_steps, self.trial = list(state.get("dense_steps", [])), state.get("trial")
         self.trial_from = state.get("trial_from", 0)
+        self.plans = [Choice(**c) for c in state.get("plans", [])]
+        self.tried = [(Choice(**c), s) for c, s in state.get("tried", [])]
         self.choice = None
         if state["choice"] is not None:
             self._apply(self._optimizer, Choice(**state["choice"]))
@@ -364,4 +444,4 @@ def auto_from_config(cfg: Any, ranks_per_node: int = 1) -> AutoCompression | Non
         return None
     names = tuple(n for n in CANDIDATES if n != "none")
     return AutoCompression({"none": None, **build_candidates(names, cfg.options)}, cfg.warmup_steps, cfg.link,
-                           ranks_per_node=ranks_per_node, check_steps=cfg.check_steps)
+                           ranks_per_node=ranks_per_node, check_steps=cfg.check_steps, trial_plans=cfg.trial_plans)

@@ -5,6 +5,8 @@
                                      a larger global batch decides again; the link is probed
     python auto_checks.py check      the first choice measured slower than the dense steps goes back
                                      to dense on every rank; measured faster, it stays
+    python auto_checks.py race       the model's plan and an alternative measured in turn: the faster
+                                     stays on every rank, or dense when both are slower
     python auto_checks.py hierarchical   under HPCTRAIN_RANKS_PER_NODE (several simulated nodes) and a
                                      slow link, auto runs the sparse compressor hierarchically
 
@@ -69,7 +71,8 @@ def decide(link: str) -> None:
     auto = AutoCompression(build_candidates(), warmup_steps=3, link=link)
     auto.attach(opt)
     events = train_steps(opt, auto, model, 12)
-    decisions = [e["step"] for e in events if "back to dense" not in e["reason"]]    # the check may go back at 8
+    measuring = ("measuring the alternative", "keeps ", "back to dense")     # settling the first decision
+    decisions = [e["step"] for e in events if not any(m in e["reason"] for m in measuring)]
     assert decisions == [3, 10], events      # batch change: one step to capture the new gradients
     assert all(e["reason"].startswith("compression auto") and ("per layer" in e["reason"] or "dense everywhere" in e["reason"])
                for e in events), events
@@ -134,7 +137,43 @@ def check_checks() -> None:
         opt.remove_hooks()
 
 
-CHECKS = {"decide": decide_checks, "hierarchical": hierarchical_checks, "check": check_checks}
+def race_checks() -> None:
+    """The model's plan (AdaComp at 1 kbit/s) and an alternative (fp16 alone, let in by an infinite
+    window) run 4 steps each; the step seconds handed to step_done are given per plan, so the
+    verdict does not depend on this machine: the faster measured stays, or dense when both are slower."""
+    for seconds, kept in (({"adacomp": 0.08, "fp16": 0.06}, "fp16"), ({"adacomp": 0.2, "fp16": 0.3}, "none")):
+        layer = torch.nn.Linear(64, 64, bias=False)
+        name = f"{kept}.w"
+        opt = DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), [(name, layer.weight)],
+                                   compression=Policy(default=DENSE, min_numel=16))
+        auto = AutoCompression({"none": None, **build_candidates(("adacomp", "fp16"))}, warmup_steps=3, link="1kbit",
+                               trial_window=float("inf"))
+        auto.attach(opt)
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(comm.rank()))
+        rows = []
+        for step in range(1, 16):
+            layer(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            plan = opt.compressor_names[name]
+            step_s = 0.1 if auto.choice is None else seconds.get(plan, 0.1) + 0.01 * comm.rank()
+            row = auto.step_done(step, 8 * comm.size(), step_s, 0.09 if auto.choice is None else 0.0)
+            rows += [row] if row is not None else []
+        names = comm.get().allgather_object(opt.compressor_names)
+        assert all(n == names[0] for n in names), f"ranks disagree: {names}"
+        assert [r["step"] for r in rows] == [3, 8, 13], rows
+        assert "adacomp ×1" in rows[0]["reason"] and "measuring the alternative per layer fp16 ×1" in rows[1]["reason"], rows
+        assert names[0] == {name: kept}, (names, rows)
+        if kept == "fp16":
+            assert rows[2]["reason"].startswith("compression auto (global batch") and "keeps per layer fp16 ×1" in rows[2]["reason"]
+            ok("auto race faster: two plans measured one after the other, every rank kept the faster (fp16)")
+        else:
+            assert "back to dense everywhere" in rows[2]["reason"], rows
+            ok("auto race slower: both plans measured slower than dense, every rank went back to dense")
+        opt.remove_hooks()
+
+
+CHECKS = {"decide": decide_checks, "hierarchical": hierarchical_checks, "check": check_checks, "race": race_checks}
 
 if __name__ == "__main__":
     comm.init()
