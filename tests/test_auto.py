@@ -69,16 +69,18 @@ def test_several_nodes_run_the_sparse_allgather_hierarchically_where_that_is_fas
 
 
 def test_alternatives_are_single_candidates_near_the_models_plan() -> None:
-    """What auto measures beside its own plan: each candidate alone where it applies (dense
-    elsewhere), predicted within the window, nearest first; never the plan itself, nor dense."""
+    """What auto measures beside its own plan: each candidate on every layer it applies to (the
+    model's pick elsewhere), predicted within the window, nearest first; never the plan itself."""
     conv = {**LAYER, "adacomp": LayerCost(4e6, "allreduce", 0.0, applies=False)}
-    measured = Measured(compute_s=0.01, layers={"fc.weight": dict(LAYER), "conv.weight": conv})
+    measured = Measured(compute_s=0.01, layers={"fc.weight": {**LAYER, "lowrank": LayerCost(4e4, "allreduce", 4e-3)},
+                                                "conv.weight": {**conv, "lowrank": LayerCost(4e6, "allreduce", 0.0, False)}})
     network = Network(Link.parse("1gbit"))
     best = choose(measured, 8, network)
     assert best.per_layer == {"fc.weight": "adacomp", "conv.weight": "fp16"}
     plans = alternatives(measured, 8, network, best, limit=5, window=100.0)
-    assert [p.per_layer for p in plans] == [{"fc.weight": "fp16", "conv.weight": "fp16"},
-                                            {"fc.weight": "adacomp", "conv.weight": "none"}]
+    # adacomp where it applies is the model's plan itself; lowrank takes fc, conv keeps fp16
+    assert [p.per_layer for p in plans] == [{"fc.weight": "lowrank", "conv.weight": "fp16"},
+                                            {"fc.weight": "fp16", "conv.weight": "fp16"}]
     assert best.predicted_step_s < plans[0].predicted_step_s < plans[1].predicted_step_s
     assert [p.per_layer for p in alternatives(measured, 8, network, best, limit=1, window=100.0)] == [plans[0].per_layer]
     within = plans[0].predicted_step_s / best.predicted_step_s

@@ -25,8 +25,8 @@ row the trainer logs in the step log's `events` group, its reason naming the cho
 
 The model can be wrong (per-collective overheads it does not describe, a busy machine), so the
 first decision is settled by measurement, as an autotuner would: the model's plan and up to
-TRIAL_PLANS − 1 alternatives (each candidate alone where it applies, if the model puts it within
-TRIAL_WINDOW of its plan: `alternatives`) run `compression.check_steps` steps each, one after the
+TRIAL_PLANS − 1 alternatives (each candidate on every layer it applies to, if the model puts
+that within TRIAL_WINDOW of its plan: `alternatives`) run `compression.check_steps` steps each, one after the
 other, and the fastest measured stays — or dense, when even that is slower than the dense steps
 of the warm-up at the same global batch by more than CHECK_TOLERANCE. Each switch is an
 `events` row; the last names every plan's measured step.
@@ -167,17 +167,14 @@ def fit_to_dense(measured: Measured, ranks: int, network: Network, overlap: floa
 
 def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool, fit: Fit,
           only: str | None = None) -> tuple[dict[str, str], float]:
-    """Per layer the candidate of least exchange + codec seconds (or `only` where it applies,
-    dense elsewhere), and the predicted step."""
+    """Per layer the candidate of least exchange + codec seconds (or `only`, where it applies),
+    and the predicted step."""
     per_layer, comm_s, codec_s = {}, 0.0, 0.0
     for layer, costs in measured.layers.items():
         dense_bytes = costs["none"].wire_bytes
         seconds = {cand: fit.scale * _exchange_s(c, dense_bytes, ranks, network, hierarchical) + c.codec_s
                    for cand, c in costs.items()}
-        if only is None:
-            best = min(seconds, key=seconds.get)
-        else:
-            best = only if costs[only].applies else "none"
+        best = only if only is not None and costs[only].applies else min(seconds, key=seconds.get)
         per_layer[layer] = best
         comm_s += seconds[best] - costs[best].codec_s
         codec_s += costs[best].codec_s
@@ -230,9 +227,9 @@ def _counts(per_layer: Mapping[str, str]) -> str:
 
 def alternatives(measured: Measured, ranks: int, network: Network, best: Choice, limit: int = TRIAL_PLANS - 1,
                  window: float = TRIAL_WINDOW) -> list[Choice]:
-    """Plans worth measuring beside the model's `best`: each candidate alone (where it applies,
-    dense elsewhere) that the model predicts within `window` × best's step, nearest first, at
-    most `limit`; none that repeats a plan already listed."""
+    """Plans worth measuring beside the model's `best`: each candidate on every layer it applies
+    to (the model's pick on the others) that the model predicts within `window` × best's step,
+    nearest first, at most `limit`; none that repeats a plan already listed."""
     seen, found = [best.per_layer, {layer: "none" for layer in measured.layers}], []     # dense: the warm-up measured it
     for cand in next(iter(measured.layers.values()), {}):
         if cand == "none":
