@@ -11,7 +11,7 @@ the same seed for the same number of steps, one after the other, and one table c
 
 Methods: `dense` (fp32 allreduce: hpctrain with compression "none", exactly
 hvd.DistributedOptimizer's traffic), `fp16`, each hpctrain compressor (`topk`, `threshold`,
-`adacomp`, `lowrank`), `auto` (the cost model picks per layer after the warm-up), each on every engine of `--engines` (Horovod over MPI; torch.distributed
+`adacomp`, `lowrank`), `auto` (after the warm-up, the cost model's per-layer plan and two alternatives run a few steps each; the fastest stays), each on every engine of `--engines` (Horovod over MPI; torch.distributed
 over Gloo), and `ddp-powersgd` (benchmarks/ddp_powersgd.py: torch DDP over Gloo with torch's
 PowerSGD hook at the same rank as `lowrank`). Speedups are against dense Horovod. Step and comm time are medians, bytes means, over
 the steps after the first `WARMUP_STEPS` (set-up: first allocations, Horovod negotiation,
