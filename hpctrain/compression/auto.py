@@ -191,15 +191,15 @@ def choose(measured: Measured, ranks: int, network: Network, overlap: float = DE
     dense_comm = fit.scale * _dense_exchange_s(measured, ranks, network)
     dense_exposed, _ = exposed(dense_comm, measured.compute_s, fit.overlap)
     dense_step = measured.compute_s + dense_exposed
-    where = _where(ranks, network, fit)
     if dense_exposed <= 0.0:
         return Choice({layer: "none" for layer in measured.layers}, dense_step, dense_step,
                       f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its {dense_comm * 1e3:.3g} ms of "
-                      f"communication hides behind {measured.compute_s * 1e3:.3g} ms of compute {where}", fit=fit)
-    return _laid_out(measured, ranks, network, fit, dense_step, where)
+                      f"communication hides behind {measured.compute_s * 1e3:.3g} ms of compute "
+                      f"{_where(ranks, network, fit)}", fit=fit)
+    return _laid_out(measured, ranks, network, fit, dense_step)
 
 
-def _laid_out(measured: Measured, ranks: int, network: Network, fit: Fit, dense_step: float, where: str,
+def _laid_out(measured: Measured, ranks: int, network: Network, fit: Fit, dense_step: float,
               only: str | None = None) -> Choice:
     """The plan (`_plan`) flat or hierarchical, whichever the model finds faster, as a Choice."""
     layouts = [False]
@@ -214,7 +214,7 @@ def _laid_out(measured: Measured, ranks: int, network: Network, fit: Fit, dense_
         if hierarchical else ""
     return Choice(per_layer, step, dense_step,
                   f"per layer {counts}{layout}: predicted {step * 1e3:.3g} ms/step vs dense {dense_step * 1e3:.3g} ms "
-                  f"{where}", hierarchical, fit)
+                  f"{_where(ranks, network, fit)}", hierarchical, fit)
 
 
 def _where(ranks: int, network: Network, fit: Fit) -> str:
@@ -234,8 +234,7 @@ def alternatives(measured: Measured, ranks: int, network: Network, best: Choice,
     for cand in next(iter(measured.layers.values()), {}):
         if cand == "none":
             continue
-        plan = _laid_out(measured, ranks, network, best.fit, best.dense_step_s, _where(ranks, network, best.fit),
-                         only=cand)
+        plan = _laid_out(measured, ranks, network, best.fit, best.dense_step_s, only=cand)
         if plan.per_layer not in seen and plan.predicted_step_s <= window * best.predicted_step_s:
             seen.append(plan.per_layer)
             found.append(plan)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -106,71 +107,64 @@ def hierarchical_checks() -> None:
     ok("auto hierarchical: chose the hierarchical exchange on 2 nodes × 2 over a slow link; parameters identical")
 
 
+def given_times(name: str, candidates: tuple[str, ...], steps: int, plan_seconds: Callable[[str], float],
+                **options: Any) -> tuple[list[dict], dict[str, str]]:
+    """`steps` steps of one 64×64 layer under auto over a 1 kbit/s link (AdaComp the model's choice)
+    whose step times are given, not measured, so the verdicts do not depend on this machine: dense
+    steps "take" 0.1 s (0.09 of it the exchange), a plan's `plan_seconds(its compressor)` + 0.01 × rank.
+    The events rows, and the compressors every rank ended with (checked to agree)."""
+    layer = torch.nn.Linear(64, 64, bias=False)
+    opt = DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), [(name, layer.weight)],
+                               compression=Policy(default=DENSE, min_numel=16))
+    auto = AutoCompression({"none": None, **build_candidates(candidates)}, warmup_steps=3, link="1kbit", **options)
+    auto.attach(opt)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(comm.rank()))
+    rows = []
+    for step in range(1, steps + 1):
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        dense = auto.choice is None
+        step_s = 0.1 if dense else plan_seconds(opt.compressor_names[name]) + 0.01 * comm.rank()
+        row = auto.step_done(step, 8 * comm.size(), step_s, 0.09 if dense else 0.0)
+        rows += [row] if row is not None else []
+    names = comm.get().allgather_object(opt.compressor_names)
+    assert all(n == names[0] for n in names), f"ranks disagree: {names}"
+    opt.remove_hooks()
+    return rows, names[0]
+
+
 def check_checks() -> None:
-    """Dense warm-up steps "take" 0.1 s (the seconds handed to step_done are given, so the check's
-    verdict does not depend on this machine's speed); a 1 kbit/s link makes AdaComp the choice."""
+    """The model's plan alone (AdaComp the only candidate), measured slower or faster than dense."""
     for after, back in ((0.2, True), (0.05, False)):
-        layer = torch.nn.Linear(64, 64, bias=False)
-        opt = DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), [(f"{after}.w", layer.weight)],
-                                   compression=Policy(default=DENSE, min_numel=16))
-        auto = AutoCompression({"none": None, **build_candidates(("adacomp",))}, warmup_steps=3, link="1kbit")
-        auto.attach(opt)
-        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(comm.rank()))
-        rows = []
-        for step in range(1, 12):
-            layer(x).square().sum().backward()
-            opt.step()
-            opt.zero_grad()
-            dense = auto.choice is None
-            row = auto.step_done(step, 8 * comm.size(), 0.1 if dense else after + 0.01 * comm.rank(), 0.09 if dense else 0.0)
-            rows += [row] if row is not None else []
+        name = f"{after}.w"
+        rows, names = given_times(name, ("adacomp",), 11, lambda plan: after)
         assert "adacomp ×1" in rows[0]["reason"], rows
-        names = comm.get().allgather_object(opt.compressor_names)
-        assert all(n == names[0] for n in names), f"ranks disagree: {names}"
         if back:
             assert len(rows) == 2 and rows[1]["step"] == 8 and "back to dense everywhere" in rows[1]["reason"], rows
-            assert names[0] == {f"{after}.w": "none"}, names
+            assert names == {name: "none"}, names
             ok("auto check slower: measured slower than dense, every rank went back to dense at the same step")
         else:
-            assert len(rows) == 1 and names[0] == {f"{after}.w": "adacomp"}, (rows, names)
+            assert len(rows) == 1 and names == {name: "adacomp"}, (rows, names)
             ok("auto check faster: measured faster than dense, the choice stays")
-        opt.remove_hooks()
 
 
 def race_checks() -> None:
-    """The model's plan (AdaComp at 1 kbit/s) and an alternative (fp16 alone, let in by an infinite
-    window) run 4 steps each; the step seconds handed to step_done are given per plan, so the
-    verdict does not depend on this machine: the faster measured stays, or dense when both are slower."""
+    """The model's plan (AdaComp) and an alternative (fp16 alone, let in by an infinite window) run
+    4 steps each: the faster measured stays, or dense when both are slower."""
     for seconds, kept in (({"adacomp": 0.08, "fp16": 0.06}, "fp16"), ({"adacomp": 0.2, "fp16": 0.3}, "none")):
-        layer = torch.nn.Linear(64, 64, bias=False)
         name = f"{kept}.w"
-        opt = DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=0.0), [(name, layer.weight)],
-                                   compression=Policy(default=DENSE, min_numel=16))
-        auto = AutoCompression({"none": None, **build_candidates(("adacomp", "fp16"))}, warmup_steps=3, link="1kbit",
-                               trial_window=float("inf"))
-        auto.attach(opt)
-        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(comm.rank()))
-        rows = []
-        for step in range(1, 16):
-            layer(x).square().sum().backward()
-            opt.step()
-            opt.zero_grad()
-            plan = opt.compressor_names[name]
-            step_s = 0.1 if auto.choice is None else seconds.get(plan, 0.1) + 0.01 * comm.rank()
-            row = auto.step_done(step, 8 * comm.size(), step_s, 0.09 if auto.choice is None else 0.0)
-            rows += [row] if row is not None else []
-        names = comm.get().allgather_object(opt.compressor_names)
-        assert all(n == names[0] for n in names), f"ranks disagree: {names}"
+        rows, names = given_times(name, ("adacomp", "fp16"), 15, lambda plan: seconds.get(plan, 0.1),
+                                  trial_window=float("inf"))
         assert [r["step"] for r in rows] == [3, 8, 13], rows
         assert "adacomp ×1" in rows[0]["reason"] and "measuring the alternative per layer fp16 ×1" in rows[1]["reason"], rows
-        assert names[0] == {name: kept}, (names, rows)
+        assert names == {name: kept}, (names, rows)
         if kept == "fp16":
             assert rows[2]["reason"].startswith("compression auto (global batch") and "keeps per layer fp16 ×1" in rows[2]["reason"]
             ok("auto race faster: two plans measured one after the other, every rank kept the faster (fp16)")
         else:
             assert "back to dense everywhere" in rows[2]["reason"], rows
             ok("auto race slower: both plans measured slower than dense, every rank went back to dense")
-        opt.remove_hooks()
 
 
 CHECKS = {"decide": decide_checks, "hierarchical": hierarchical_checks, "check": check_checks, "race": race_checks}
