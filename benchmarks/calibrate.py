@@ -44,10 +44,11 @@ FIXED = ("dense", "fp16", "topk", "threshold", "adacomp", "lowrank")
 METHODS = (*FIXED, link.AUTO)
 ERROR_TARGET, WINNER_TARGET, AUTO_TARGET = 0.20, 0.10, 0.10
 NOISE = 0.03        # run-to-run spread of a median step here: "not slower than dense" allows it
-# auto measures its plans after the decision (compression.trial_plans × (check_steps + 1) steps):
-# it trains that much longer, so its steady steps are as many as the fixed methods'.
+# auto measures its plans after the decision (compression.trial_plans × (check_steps + 1) steps,
+# and as many again for dense when the verdict is close): it trains that much longer, so its
+# steady steps are at least as many as the fixed methods'.
 _DEFAULTS = CompressionConfig()
-AUTO_MEASURING_STEPS = _DEFAULTS.trial_plans * (_DEFAULTS.check_steps + 1)
+AUTO_MEASURING_STEPS = (_DEFAULTS.trial_plans + 1) * (_DEFAULTS.check_steps + 1)
 
 
 @dataclass

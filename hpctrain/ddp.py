@@ -127,13 +127,15 @@ def _exchange_bucket(state: HookState, buffer: torch.Tensor, params: list[torch.
         state.wire_bytes += sum(t.numel() * t.element_size() for t in fused)   # gradients (the flag is control)
         fused += [overflow] if first else []
         reduced = iter(c.reduce(fused, average=True)) if fused else iter(())
+        gathering = [t for _, _, request in active if request.kind == "allgather" for t in request.payloads]
+        gathered = iter(c.allgather(gathering)) if gathering else iter(())
         still = []
         for item in active:
             i, rounds, request = item
             if request.kind == "allreduce":
                 received = [next(reduced) for _ in request.payloads]
             else:
-                received = [c.allgather(t) for t in request.payloads]
+                received = [next(gathered) for _ in request.payloads]
                 state.wire_bytes += request.nbytes
             try:
                 item[2] = rounds.send(received)

@@ -86,7 +86,8 @@ def psnr(mse: float, peak: float) -> float:
 def init_comm(cfg: Config) -> comm.Communicator:
     """Start the engine the run config asks for; rank 0 says which one it got."""
     horovod_environment(cfg.horovod.fusion_threshold_mb, cfg.horovod.cycle_time_ms)
-    communicator = comm.init(cfg.dist.backend, cfg.dist.torch_backend, cfg.dist.timeout_s, cfg.train.device)
+    communicator = comm.init(cfg.dist.backend, cfg.dist.torch_backend, cfg.dist.timeout_s, cfg.train.device,
+                             cfg.dist.bucket_mb)
     if communicator.rank == 0:
         note = getattr(communicator, "note", None)
         print(f"hpctrain: engine {communicator.describe()}, {communicator.size} rank(s)"

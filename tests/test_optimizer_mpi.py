@@ -37,6 +37,11 @@ def test_four_ranks_fused_updates_equal_unfused_after_50_steps(engine):
             assert expected in passed
 
 
+def test_the_torch_engines_buckets_start_fewer_collectives_and_change_no_result():
+    passed = _passed(2, "buckets", "torch")
+    assert any(line.startswith("ok buckets:") for line in passed), passed
+
+
 def test_nan_gradient_on_one_rank_names_the_parameter_and_step_and_aborts_the_job(engine):
     start = time.monotonic()
     proc = run_mpi(2, ["nan"], program=WORKER, check=False, timeout=120, engine=engine)

@@ -47,9 +47,10 @@ def choose_engine(backend: str, launch: launcher.Launch) -> str:
 
 
 def init(backend: str = "auto", torch_backend: str = "auto", timeout_s: float = 600.0,
-         device: str = "auto") -> Communicator:
+         device: str = "auto", bucket_mb: float = 25.0) -> Communicator:
     """Start the engine once per process (later calls return it) and give each rank its CPU share;
-    `device` ("auto", "cuda", "cpu": where training runs) steers the torch engine's transport."""
+    `device` ("auto", "cuda", "cpu": where training runs) steers the torch engine's transport,
+    `bucket_mb` its gradient buckets (config `dist.bucket_mb`)."""
     global _active
     if _active is not None:
         return _active
@@ -63,7 +64,7 @@ def init(backend: str = "auto", torch_backend: str = "auto", timeout_s: float = 
         _active = HorovodCommunicator()
     else:
         from hpctrain.comm.torch_distributed import TorchCommunicator
-        _active = TorchCommunicator(launch, torch_backend, timeout_s, device)
+        _active = TorchCommunicator(launch, torch_backend, timeout_s, device, bucket_mb)
     import torch
 
     if "OMP_NUM_THREADS" not in os.environ:

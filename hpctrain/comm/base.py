@@ -43,6 +43,9 @@ class Communicator(abc.ABC):
     size: int
     local_rank: int
     local_size: int
+    # Bytes of gradient allreduces the optimizer fuses into one collective, in launch order
+    # (`hpctrain.optimizer.buckets`); 0 where the engine fuses on its own (Horovod's cycle).
+    bucket_bytes: int = 0
 
     @abc.abstractmethod
     def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True, group: Any = None) -> Work:
@@ -56,6 +59,10 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> Work:
         """Concatenate along dim 0 in rank order; ranks may contribute different lengths."""
+
+    @abc.abstractmethod
+    def grouped_allgather_async(self, tensors: Sequence[torch.Tensor], name: str, group: Any = None) -> Work:
+        """One fused `allgather_async` of several tensors; `wait()` gives the list of results."""
 
     def broadcast_async(self, tensor: torch.Tensor, root: int, name: str, group: Any = None) -> Work:
         """The tensor of global rank `root` (a member of `group`), on every member; `tensor` is

@@ -77,6 +77,10 @@ class HorovodCommunicator(Communicator):
     def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> _Handle:
         return _Handle(self.hvd, self.hvd.allgather_async(tensor, name=name, process_set=self._set(group)))
 
+    def grouped_allgather_async(self, tensors: Sequence[torch.Tensor], name: str, group: Any = None) -> _Handle:
+        return _Handle(self.hvd, self.hvd.grouped_allgather_async(list(tensors), name=name,
+                                                                  process_set=self._set(group)))
+
     def broadcast_async(self, tensor: torch.Tensor, root: int, name: str, group: Any = None) -> _Handle:
         return _Handle(self.hvd, self.hvd.broadcast_async(tensor, root_rank=root, name=name,
                                                           process_set=self._set(group)))

@@ -4,12 +4,15 @@ that imports torch.distributed for training.
 Every collective runs on one background thread, in the order the training thread submitted
 it, so the training thread never blocks on the network (as Horovod's background thread) and
 every rank issues the same collectives in the same order, which torch.distributed requires.
-A variable-length allgather is two collectives on that thread: the lengths, then the payloads
-padded to the longest. With Gloo, CUDA tensors are staged through host memory.
+Nothing fuses collectives here (unlike Horovod's cycle): the optimizer fills buckets of
+`bucket_bytes` itself, in the same order on every rank. A variable-length allgather, of one
+tensor or of a bucket's, is two collectives on that thread: the lengths, then the payloads as
+bytes, padded to the longest. With Gloo, CUDA tensors are staged through host memory.
 """
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import socket
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +30,14 @@ from hpctrain.errors import InvalidArgument, UserError
 TORCH_BACKENDS = ("auto", "nccl", "gloo")
 # torch 2.13 renamed all_gather_into_tensor (older releases, e.g. 2.11 on GPU nodes, lack the new name).
 _all_gather_single = getattr(td, "all_gather_single", None) or td.all_gather_into_tensor
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's entries as raw bytes (a view where its memory is laid out densely)."""
+    flat = tensor.reshape(-1)
+    if flat.stride(0) != 1:          # e.g. one value expanded, or an empty tensor (stride 0)
+        flat = torch.empty(flat.numel(), dtype=flat.dtype, device=flat.device).copy_(flat)
+    return flat.view(torch.uint8)
 
 
 class _Future:
@@ -84,8 +95,10 @@ def _rendezvous(launch: Launch, timeout: timedelta) -> td.Store:
 class TorchCommunicator(Communicator):
     engine = "torch"
 
-    def __init__(self, launch: Launch, torch_backend: str = "auto", timeout_s: float = 600.0, device: str = "auto"):
+    def __init__(self, launch: Launch, torch_backend: str = "auto", timeout_s: float = 600.0, device: str = "auto",
+                 bucket_mb: float = 25.0):
         self.rank, self.size = launch.rank, launch.size
+        self.bucket_bytes = int(bucket_mb * 2**20)
         self.local_rank, self.local_size = launch.local_rank, launch.local_size
         self.simulate_nodes()
         self.backend, self.note = choose_backend(torch_backend, launch.local_size, device)
@@ -148,21 +161,28 @@ class TorchCommunicator(Communicator):
                 out[i] = part.view(tensors[i].shape).to(tensors[i].device)
         return out
 
-    def allgather(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
-        """Variable-length allgather along dim 0 over `group` (None: every rank): lengths first,
-        then padded payloads (on the comm thread)."""
+    def allgather(self, tensors: list[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
+        """Variable-length allgathers along dim 0 of several tensors over `group` (None: every
+        rank), as two collectives (on the comm thread): every tensor's length, then all payloads
+        as bytes, each rank's padded to the longest."""
         size = self.size if group is None else td.get_world_size(group)
-        wire = self._wire(tensor)
-        counts = torch.zeros(size, dtype=torch.int64, device=wire.device)
-        _all_gather_single(counts, torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device), group=group)
-        lengths = counts.tolist()
-        longest = max(lengths)
-        if wire.shape[0] < longest:
-            wire = torch.cat([wire, wire.new_zeros((longest - wire.shape[0], *wire.shape[1:]))])
-        gathered = wire.new_empty((size * longest, *wire.shape[1:]))
-        _all_gather_single(gathered, wire.contiguous(), group=group)
-        parts = [gathered[r * longest: r * longest + n] for r, n in enumerate(lengths)]
-        return torch.cat(parts).to(tensor.device)
+        wires = [self._wire(t) for t in tensors]
+        device = wires[0].device
+        counts = torch.zeros(size * len(wires), dtype=torch.int64, device=device)
+        _all_gather_single(counts, torch.tensor([w.shape[0] for w in wires], dtype=torch.int64, device=device),
+                           group=group)
+        rows = counts.view(size, len(wires)).tolist()             # rows[rank][tensor]
+        row_bytes = [math.prod(w.shape[1:]) * w.element_size() for w in wires]
+        sent = [[n * b for n, b in zip(its_rows, row_bytes)] for its_rows in rows]   # sent[rank][tensor]: bytes
+        longest = max(sum(s) for s in sent)
+        flat = torch.cat([_as_bytes(w) for w in wires])
+        flat = torch.cat([flat, flat.new_zeros(longest - flat.numel())]) if flat.numel() < longest else flat
+        gathered = flat.new_empty(size * longest)
+        _all_gather_single(gathered, flat, group=group)
+        starts = [[r * longest + sum(s[:i]) for i in range(len(wires))] for r, s in enumerate(sent)]
+        return [torch.cat([gathered[starts[r][i]: starts[r][i] + sent[r][i]] for r in range(size)])   # a copy: aligned
+                .view(w.dtype).view(-1, *w.shape[1:]).to(t.device)
+                for i, (w, t) in enumerate(zip(wires, tensors))]
 
     # -- the interface -----------------------------------------------------------------
     def group_ranks(self, group: Any = None) -> list[int]:
@@ -187,7 +207,10 @@ class TorchCommunicator(Communicator):
         return self.submit(self.reduce, list(tensors), average, group)
 
     def allgather_async(self, tensor: torch.Tensor, name: str, group: Any = None) -> _Future:
-        return self.submit(self.allgather, tensor, group)
+        return self.submit(lambda: self.allgather([tensor], group)[0])
+
+    def grouped_allgather_async(self, tensors: Sequence[torch.Tensor], name: str, group: Any = None) -> _Future:
+        return self.submit(self.allgather, list(tensors), group)
 
     def broadcast_async(self, tensor: torch.Tensor, root: int, name: str, group: Any = None) -> _Future:
         def broadcast() -> torch.Tensor:

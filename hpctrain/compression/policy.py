@@ -23,7 +23,8 @@ class Policy:
     None for "send dense"; the first matching rule wins, else `default` (None: dense).
     Tensors with fewer than `min_numel` elements, and shapes the chosen compressor cannot
     handle, bypass compression and ride one fused dense allreduce at the end of backward;
-    larger dense tensors are sent one by one as soon as their gradient is ready.
+    larger dense tensors are sent as soon as their gradient is ready (fused by Horovod's cycle,
+    or in the torch engine's buckets).
     During the first `warmup_steps` exchanges every compressed parameter is sent dense too
     (as DGC's warm-up and torch PowerSGD's `start_powerSGD_iter`): the first updates, which
     move the weights most, then see the exact gradient, and compression starts with an empty

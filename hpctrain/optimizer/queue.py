@@ -9,6 +9,11 @@ completed without waiting; only `advance` — from the queue's head — waits, a
 round of a multi-round exchange (to the back of the queue), so every rank launches next rounds in
 the same order whatever its timing.
 
+Where the engine does not fuse collectives (torch.distributed), allreduces and allgathers over
+the optimizer's ranks join a `Bucket` of their kind instead of leaving one by one; the queue
+sends the open buckets before any other collective, once the step's last gradient has started,
+and before waiting on a round in one.
+
 A round may run over a subset of the ranks (a `hierarchical.GroupCollective`: the node, the
 leaders): it names its group, and a rank that is not a member launches nothing and receives
 nothing, but still passes through the round, so launch orders stay the same everywhere.
@@ -17,12 +22,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from hpctrain.comm.base import Communicator, Work
 from hpctrain.compression.base import Collective
+from hpctrain.optimizer.buckets import Bucket, Part
 from hpctrain.optimizer.reduction import Reduction
 from hpctrain.optimizer.rounds import Rounds
 
@@ -55,6 +61,7 @@ class ExchangeQueue:
                  reduction: Reduction, start: Callable[[torch.Tensor, torch.Tensor], Rounds],
                  finish: Callable[[torch.Tensor, torch.Tensor], None],
                  count_wire: Callable[[torch.Tensor, int, bool], None], count_codec: Callable[[float], None],
+                 count_collectives: Callable[[int], None],
                  spans_nodes: bool = False):
         self.order = order            # the launch order, the same on every rank
         self._names = names
@@ -64,10 +71,14 @@ class ExchangeQueue:
         self._finish = finish         # (param, averaged gradient): store it
         self._count_wire = count_wire           # (param, bytes, whether they cross the inter-node link)
         self._count_codec = count_codec         # (seconds spent in the compressors' code)
+        self._count_collectives = count_collectives      # (collectives started: a bucket is one)
         self.spans_nodes = spans_nodes         # the optimizer's own collectives reach other nodes
         self._launched = 0                                       # how many of `order` have started this step
         self._ready: dict[torch.Tensor, torch.Tensor] = {}       # checked gradients awaiting their turn
         self._inflight: dict[torch.Tensor, _InFlight] = {}       # in launch order: the queue rounds advance in
+        self._buckets = {kind: Bucket(communicator, kind, communicator.bucket_bytes, f"{names[order[0]]}.bucket",
+                                      self._group_kw)
+                         for kind in ("allreduce", "allgather") if communicator.bucket_bytes and order}
 
     @property
     def busy(self) -> bool:
@@ -85,6 +96,8 @@ class ExchangeQueue:
             request = next(rounds)                              # encodes the first round
             self._count_codec(time.perf_counter() - start)
             self._launch(_InFlight(turn, rounds, request, []))
+        if self._launched == len(self.order):
+            self._launch_buckets()
 
     def new_step(self) -> None:
         """Every gradient of the step has been added: the next ones start the order again."""
@@ -104,6 +117,8 @@ class ExchangeQueue:
         """Wait for the head's round and take it in; returns its parameter if its exchange has
         finished, else its next round is launched (to the back of the queue)."""
         head = self._inflight.pop(next(iter(self._inflight)))
+        if any(isinstance(work, Part) and not work.launched for work in head.works):
+            self._launch_buckets()
         if head.works and self._receive(head):
             return head.param
         self._launch(head)
@@ -113,20 +128,38 @@ class ExchangeQueue:
         name, request = self._names[item.param], item.request
         group = getattr(request, "group", None)          # a GroupCollective's own group, else the optimizer's
         kw = self._group_kw if group is None else {"group": group}
+        bucket = self._buckets.get(request.kind) if group is None else None
+        if bucket is None:
+            self._launch_buckets()       # what joined them leaves first, on every rank alike (members or not)
         if not getattr(request, "member", True):
             item.works = [SKIPPED]
         else:
             payloads = [self._comm.sendable(t) for t in request.payloads]
-            names = [f"{name}.{item.round}.{i}" for i in range(len(payloads))]
-            if request.kind == "broadcast":
-                item.works = [self._comm.broadcast_async(t, request.root, n, **kw) for t, n in zip(payloads, names)]
+            if bucket is not None:
+                item.works = bucket.add(payloads, item.param.numel() * item.param.element_size())
+                if bucket.full:
+                    self._launch_buckets([bucket])
             else:
-                launch = self._comm.allgather_async if request.kind == "allgather" else self._comm.allreduce_async
-                item.works = [launch(t, name=n, **kw) for t, n in zip(payloads, names)]
+                names = [f"{name}.{item.round}.{i}" for i in range(len(payloads))]
+                item.works = self._send(request, payloads, names, kw)
+                self._count_collectives(len(item.works))
             if request.kind != "broadcast" or request.root == self._comm.rank:      # receivers send nothing
                 crosses = getattr(request, "crosses_nodes", self.spans_nodes if group is None else False)
                 self._count_wire(item.param, sum(t.numel() * t.element_size() for t in payloads), crosses)
         self._inflight[item.param] = item          # to the back of the queue
+
+    def _send(self, request: Collective, payloads: list[torch.Tensor], names: list[str],
+              kw: dict[str, Any]) -> list[Work]:
+        if request.kind == "broadcast":
+            return [self._comm.broadcast_async(t, request.root, n, **kw) for t, n in zip(payloads, names)]
+        launch = self._comm.allgather_async if request.kind == "allgather" else self._comm.allreduce_async
+        return [launch(t, name=n, **kw) for t, n in zip(payloads, names)]
+
+    def _launch_buckets(self, buckets: list[Bucket] | None = None) -> None:
+        """Send these open buckets (default: all, in a fixed order: the same on every rank)."""
+        for bucket in buckets or self._buckets.values():
+            if bucket.launch():
+                self._count_collectives(1)
 
     def _receive(self, item: _InFlight) -> bool:
         """Send a completed round's results into the rounds; True when they have finished (the

@@ -38,6 +38,7 @@ class StepStats:
     # Host seconds inside compressor code (encode, decode, between rounds), in backward or in the
     # wait; on CUDA that is kernel launches, the device's own work shows in the wait.
     codec_time_s: float = 0.0
+    collectives: int = 0      # gradient collectives this rank started (a fused bucket, the bypass: one each)
     per_param: dict[str, tuple[int, int]] = field(default_factory=dict)   # name → (wire, dense)
 
 
@@ -82,6 +83,7 @@ class GradientSync:
         # -- where gradients go: the queue (compressed), the bypass (small), and back via `place`
         self.queue = ExchangeQueue([p for p in reversed(params) if self.compressors[p] is not None], names,
                                    communicator, reduction, self._rounds, self._store, self._count_wire, self._count_codec,
+                                   self._count_collectives,
                                    spans_nodes=communicator.local_size < reduction.size)
         bypassed = [p for p in params if self.compressors[p] is None]
         self.bypass = Bypass(bypassed, f"{names[params[0]]}.bypass" if params else "bypass", communicator, reduction)
@@ -168,12 +170,16 @@ class GradientSync:
             return
         for p, nbytes in self.bypass.launch(self.flags.to_send()):
             self._count_wire(p, nbytes, self.queue.spans_nodes)
+        self._count_collectives(1)
         self._seen.clear()
         self.queue.new_step()
 
     def _rounds(self, p: torch.Tensor, grad: torch.Tensor) -> Rounds:
         return gradient_rounds(grad, self.compressors[p], self.states[p], self.policy, self._reduction,
                                self._sparse_dim.get(p), self.nodes)
+
+    def _count_collectives(self, count: int) -> None:
+        self.stats.collectives += count
 
     def _count_codec(self, seconds: float) -> None:
         self.stats.codec_time_s += seconds

@@ -151,17 +151,28 @@ def check_checks() -> None:
 
 def race_checks() -> None:
     """The model's plan (AdaComp) and an alternative (fp16 alone, let in by an infinite window) run
-    4 steps each: the faster measured stays, or dense when both are slower."""
-    for seconds, kept in (({"adacomp": 0.08, "fp16": 0.06}, "fp16"), ({"adacomp": 0.2, "fp16": 0.3}, "none")):
-        name = f"{kept}.w"
-        rows, names = given_times(name, ("adacomp", "fp16"), 15, lambda plan: seconds.get(plan, 0.1),
+    4 steps each: the faster measured stays, or dense when both are slower than the warm-up's
+    dense steps (0.1 s); when the faster is faster than those, dense runs 4 steps again beside
+    them and the fastest of the three stays."""
+    cases = (({"adacomp": 0.08, "fp16": 0.06}, "fp16", True), ({"adacomp": 0.2, "fp16": 0.3}, "none", False),
+             ({"adacomp": 0.09, "fp16": 0.08, "none": 0.07}, "none", True))
+    for case, (seconds, kept, again) in enumerate(cases):
+        name = f"{case}.w"
+        rows, names = given_times(name, ("adacomp", "fp16"), 20, lambda plan: seconds.get(plan, 0.1),
                                   trial_window=float("inf"))
-        assert [r["step"] for r in rows] == [3, 8, 13], rows
+        assert [r["step"] for r in rows] == [3, 8, 13, 18][:4 if again else 3], rows
         assert "adacomp ×1" in rows[0]["reason"] and "measuring the alternative per layer fp16 ×1" in rows[1]["reason"], rows
         assert names == {name: kept}, (names, rows)
+        if again:
+            assert "measuring the alternative dense everywhere again" in rows[2]["reason"], rows
         if kept == "fp16":
-            assert rows[2]["reason"].startswith("compression auto (global batch") and "keeps per layer fp16 ×1" in rows[2]["reason"]
-            ok("auto race faster: two plans measured one after the other, every rank kept the faster (fp16)")
+            assert rows[3]["reason"].startswith("compression auto (global batch") and "keeps per layer fp16 ×1" in rows[3]["reason"]
+            assert "vs dense 100 ms (measured again)" in rows[3]["reason"], rows
+            ok("auto race faster: two plans and dense again measured one after the other, every rank kept the fastest (fp16)")
+        elif again:
+            assert "vs dense 70 ms (measured again): back to dense everywhere" in rows[3]["reason"], rows
+            ok("auto race dense again: both plans faster than the warm-up's dense steps, dense measured again "
+               "faster still, every rank went back to dense")
         else:
             assert "back to dense everywhere" in rows[2]["reason"], rows
             ok("auto race slower: both plans measured slower than dense, every rank went back to dense")

@@ -4,6 +4,7 @@
                                           unused parameters, accumulation, fp16/bf16
     python optimizer_checks.py fusion     fused == unfused after 50 steps (SGD, Adam, AdamW; dense, topk)
     python optimizer_checks.py nan        rank 1 makes one gradient NaN at step 3 (the job must abort)
+    python optimizer_checks.py buckets    the torch engine's buckets: fewer collectives, the same result
 
 Every check runs on every rank; rank 0 prints one `ok ...` line per passed check. A failed check
 raises, and `run_guarded` takes the whole job down (no rank is left waiting in a collective).
@@ -224,7 +225,43 @@ def nan_check() -> None:
     raise AssertionError("the NaN gradient was not reported")
 
 
-CHECKS = {"exchange": exchange_checks, "fusion": fusion_checks, "nan": nan_check}
+# -- buckets: the torch engine fuses collectives, results unchanged --------------------------------
+MIXED = Policy(rules={"fc1.*": TopK(0.05), "fc2.*": LowRank(rank=2), "rank0_only.*": FP16(), "unused.*": NoCompression()},
+               min_numel=MIN_NUMEL)
+BUCKET_SIZES = {"off": 0, "10 KiB": 10 * 2**10, "25 MiB": 25 * 2**20}
+# Collectives per step with 25 MiB buckets: every first round's allreduces (the dense and fp16
+# layers, LowRank's P), the allgathers (TopK), the bypass, LowRank's second round (Q).
+ONE_BUCKET_PER_ROUND = 4
+
+
+def bucket_checks() -> None:
+    """The same steps with buckets off, small and large: identical parameters on every setting
+    (two ranks: a sum of two is exact whatever the fusion), fewer collectives the larger they are."""
+    final, collectives = {}, {}
+    for label, size in BUCKET_SIZES.items():
+        comm.get().bucket_bytes = size          # read when an optimizer is built
+        model = make_model()
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                   model.named_parameters(), compression=MIXED)
+        counts = set()
+        for step in range(5):
+            loss_of(model, *batch(step)).backward()
+            opt.step()
+            counts.add(opt.new_step_stats().collectives)
+            opt.zero_grad()
+        opt.remove_hooks()
+        final[label] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert len(counts) == 1, f"buckets {label}: collectives per step vary: {counts}"
+        collectives[label] = counts.pop()
+    for label in BUCKET_SIZES:
+        for name, tensor in final["off"].items():
+            assert torch.equal(final[label][name], tensor), f"buckets {label}: {name} differs from unbucketed"
+    assert collectives["25 MiB"] == ONE_BUCKET_PER_ROUND, collectives
+    assert collectives["off"] > collectives["10 KiB"] > collectives["25 MiB"], collectives
+    ok(f"buckets: collectives per step {collectives}, parameters identical after 5 steps")
+
+
+CHECKS = {"exchange": exchange_checks, "fusion": fusion_checks, "nan": nan_check, "buckets": bucket_checks}
 
 if __name__ == "__main__":
     comm.init()
