@@ -32,6 +32,8 @@ def test_overrides_are_typed_toml_values():
     ({"compression": {"adacomp": {"bins": 3}}}, "unknown key 'compression.adacomp.bins'"),
     ({"compression": {"warmup_steps": -1}}, "compression.warmup_steps = -1 must be 0 or positive"),
     ({"compression": {"trial_plans": 0}}, "compression.trial_plans = 0 must be 1 or more"),
+    ({"dist": {"bucket_mb": 0}}, "dist.bucket_mb = 0.0 must be positive"),
+    ({"dist": {"bucket_mb": float("nan")}}, "dist.bucket_mb = nan must be positive"),
     ({"compression": {"threshold": {"min_entries": 0}}}, "config: [compression.threshold] Threshold(min_entries=0): must be a positive number of entries"),
     ({"batch": {"initial": 64, "max": 32}}, "batch.max = 32 is below batch.initial = 64"),
 ])
