@@ -23,7 +23,7 @@ class Part:
 
     def __init__(self, index: int):
         self.index = index
-        self.work: Work | None = None      # the bucket's grouped allreduce, once launched
+        self.work: Work | None = None      # the bucket's grouped collective, once launched
 
     @property
     def launched(self) -> bool:
