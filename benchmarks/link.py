@@ -12,7 +12,7 @@ the same seed for the same number of steps, one after the other, and one table c
 Methods: `dense` (fp32 allreduce: hpctrain with compression "none", exactly
 hvd.DistributedOptimizer's traffic), `fp16`, each hpctrain compressor (`topk`, `threshold`,
 `adacomp`, `lowrank`), `auto` (after the warm-up, the cost model's per-layer plan and two alternatives run a few steps each; the fastest stays), each on every engine of `--engines` (Horovod over MPI; torch.distributed
-over Gloo), and `ddp-powersgd` (benchmarks/ddp_powersgd.py: torch DDP over Gloo with torch's
+over Gloo; `torch-unbucketed`: the torch engine without its gradient buckets), and `ddp-powersgd` (benchmarks/ddp_powersgd.py: torch DDP over Gloo with torch's
 PowerSGD hook at the same rank as `lowrank`). Speedups are against dense Horovod. Step and comm time are medians, bytes means, over
 the steps after the first `WARMUP_STEPS` (set-up: first allocations, Horovod negotiation,
 the dense start); every compressor, like the peer's PowerSGD hook, sends its first
@@ -64,6 +64,9 @@ DDP_METHODS = {PEER_METHOD: "powersgd", HOOK_METHOD: "hpctrain"}
 AUTO = "auto"                              # compression.name = "auto": the cost model picks per layer
 METHODS = ("dense", "fp16", *COMPRESSORS, AUTO, PEER_METHOD, HOOK_METHOD)
 ENGINES = ("horovod", "torch")
+# The torch engine with every gradient's collectives leaving on their own (buckets of 1 byte),
+# beside `torch` (dist.bucket_mb's default): what its buckets are worth, in one run.
+UNBUCKETED = "torch-unbucketed"
 BASELINE = "dense (horovod)"
 
 
@@ -94,7 +97,8 @@ def run_settings(model: str, method: str, steps: int, evals: int, out_dir: Path,
             "data.num_samples": math.ceil(train_samples / 0.8), "checkpoint.every_epochs": 0,
             "train.progress": False, "compression.name": {"dense": "none", PEER_METHOD: "none", HOOK_METHOD: "lowrank"}.get(method, method),
             "compression.lowrank.rank": LOWRANK_RANK, "compression.warmup_steps": DENSE_START, "run.seed": 0, "run.name": f"{method}-{engine}",
-            "run.out_dir": str(out_dir), "dist.backend": engine}
+            "run.out_dir": str(out_dir), "dist.backend": "torch" if engine == UNBUCKETED else engine,
+            **({"dist.bucket_mb": 2.0 ** -20} if engine == UNBUCKETED else {})}
 
 
 def set_args(settings: dict[str, Any]) -> list[str]:
@@ -310,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evals", type=int, default=3, help="validation evaluations per run (default 3)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated engines to run hpctrain's "
-                                                                     "methods on (default horovod,torch)")
+                                                                     "methods on (default horovod,torch; also "
+                                                                     f"{UNBUCKETED})")
     parser.add_argument("--target", type=float, help="validation accuracy for 'time to' (default: 95%% of dense's final)")
     parser.add_argument("--probe-mb", type=float, default=16, help="allreduce size of the bandwidth probe (MiB)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "link", help="where the step logs go")
@@ -326,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                 netns.parse_rate(rate)
         args.methods = parse_methods(args.methods)
         args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-        if not args.engines or set(args.engines) - set(ENGINES):
-            raise UserError(f"--engines {','.join(args.engines)}: choose from {', '.join(ENGINES)}")
+        if not args.engines or set(args.engines) - {*ENGINES, UNBUCKETED}:
+            raise UserError(f"--engines {','.join(args.engines)}: choose from {', '.join((*ENGINES, UNBUCKETED))}")
         if args.steps <= WARMUP_STEPS + 1 or not 1 <= args.evals <= args.steps:
             raise UserError(f"--steps {args.steps} --evals {args.evals}: need steps > {WARMUP_STEPS + 1} "
                             "(the first steps are set-up) and 1 <= evals <= steps")
