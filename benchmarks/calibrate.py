@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import link  # noqa: E402
+from benchmarks.script import command_line, one_line_errors  # noqa: E402
 from hpctrain import advise  # noqa: E402
 from hpctrain.cost import CodecTime, Link, Network, predict  # noqa: E402
 from hpctrain.config import CompressionConfig  # noqa: E402
@@ -197,6 +198,7 @@ def report(cell: Cell) -> list[str]:
     return lines + [""] + cell.verdicts() + [""]
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", action="append", help="tc rate, repeatable (default 1gbit)")
@@ -211,15 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "dense" not in args.methods:
         args.methods = ["dense", *args.methods]
-    try:
-        for model in args.model or ["mlp"]:
-            for ranks in args.ranks or [4]:
-                for rate in args.rate or ["1gbit"]:
-                    logs, shared = run_cell(model, ranks, rate, args)
-                    print("\n".join(report(analyze(model, ranks, rate, logs, shared, args))), flush=True)
-    except UserError as exc:
-        print(f"calibrate.py: error: {exc}", file=sys.stderr)
-        return 2
+    print(f"command: {command_line(argv)}", flush=True)
+    for model in args.model or ["mlp"]:
+        for ranks in args.ranks or [4]:
+            for rate in args.rate or ["1gbit"]:
+                logs, shared = run_cell(model, ranks, rate, args)
+                print("\n".join(report(analyze(model, ranks, rate, logs, shared, args))), flush=True)
     return 0
 
 

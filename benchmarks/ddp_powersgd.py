@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import hpctrain  # noqa: E402
+from benchmarks.script import one_line_errors  # noqa: E402
 from hpctrain.compression import policy_from_config  # noqa: E402
 from hpctrain.config import Config, load_config  # noqa: E402
 from hpctrain.data import Dataset, filtering, load_splits  # noqa: E402
@@ -223,6 +224,7 @@ def train(cfg: Config, powersgd_rank: int, port: int, hook: str = "powersgd") ->
         tdist.destroy_process_group()
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="the run configuration (TOML) hpctrain trains with")
@@ -233,13 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hook", choices=("powersgd", "hpctrain"), default="powersgd",
                         help="torch's PowerSGD hook, or hpctrain's compressors (the config's [compression]) as a hook")
     args = parser.parse_args(argv)
-    try:
-        if args.rank < 1:
-            raise UserError(f"--rank {args.rank}: the PowerSGD rank must be a positive integer")
-        train(load_config(args.config, args.set), args.rank, args.port, args.hook)
-    except UserError as exc:
-        print(f"ddp_powersgd.py: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    if args.rank < 1:
+        raise UserError(f"--rank {args.rank}: the PowerSGD rank must be a positive integer")
+    train(load_config(args.config, args.set), args.rank, args.port, args.hook)
     return 0
 
 

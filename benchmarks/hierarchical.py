@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import link, netns  # noqa: E402
+from benchmarks.script import command_line, one_line_errors  # noqa: E402
 from hpctrain.errors import UserError  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
 from hpctrain.local_launch import local_env  # noqa: E402
@@ -108,6 +109,7 @@ def table(runs: list[Run]) -> list[str]:
     return lines
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", default="1gbit", help="the link between the two nodes (tc rate)")
@@ -119,21 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "hierarchical")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        if args.steps <= SHORT_STEPS or "dense" not in methods:
-            raise UserError(f"--steps must exceed {SHORT_STEPS} and --methods must include dense")
-        print(f"command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
-        print(f"\n### {args.model}, 2 nodes × {args.per_node} ranks, {args.rate} between them, fast inside\n", flush=True)
-        runs = []
-        with netns.two_nodes(args.rate) as nodes:
-            for method in methods:
-                for hierarchical in ((False, True) if method in SPARSE else (False,)):
-                    runs.append(measure(nodes, args, method, hierarchical))
-                    print(f"  {runs[-1]}", file=sys.stderr, flush=True)
-        print("\n".join(table(runs)))
-    except UserError as exc:
-        print(f"hierarchical.py: error: {exc}", file=sys.stderr)
-        return 2
+    if args.steps <= SHORT_STEPS or "dense" not in methods:
+        raise UserError(f"--steps must exceed {SHORT_STEPS} and --methods must include dense")
+    print(f"command: {command_line(argv)}")
+    print(f"\n### {args.model}, 2 nodes × {args.per_node} ranks, {args.rate} between them, fast inside\n", flush=True)
+    runs = []
+    with netns.two_nodes(args.rate) as nodes:
+        for method in methods:
+            for hierarchical in ((False, True) if method in SPARSE else (False,)):
+                runs.append(measure(nodes, args, method, hierarchical))
+                print(f"  {runs[-1]}", file=sys.stderr, flush=True)
+    print("\n".join(table(runs)))
     return 0
 
 

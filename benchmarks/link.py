@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import netns  # noqa: E402
+from benchmarks.script import command_line, one_line_errors  # noqa: E402
 from hpctrain.errors import UserError  # noqa: E402
 from hpctrain.h5log import read_log  # noqa: E402
 from hpctrain.local_launch import run_mpi  # noqa: E402
@@ -304,6 +305,7 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", action="append", help="tc rate of the link, repeatable (default 1gbit); "
@@ -324,26 +326,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         probe_main(args.probe_mb, repeats=3 if args.probe_mb >= 1 else 25)   # tiny: a median of many (α)
         return 0
-    try:
-        args.rate = args.rate or ["1gbit"]
-        for rate in args.rate:
-            if rate != "none":
-                netns.parse_rate(rate)
-        args.methods = parse_methods(args.methods)
-        args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-        if not args.engines or set(args.engines) - {*ENGINES, UNBUCKETED}:
-            raise UserError(f"--engines {','.join(args.engines)}: choose from {', '.join((*ENGINES, UNBUCKETED))}")
-        if args.steps <= WARMUP_STEPS + 1 or not 1 <= args.evals <= args.steps:
-            raise UserError(f"--steps {args.steps} --evals {args.evals}: need steps > {WARMUP_STEPS + 1} "
-                            "(the first steps are set-up) and 1 <= evals <= steps")
-        if GLOBAL_BATCH % args.ranks:
-            raise UserError(f"--ranks {args.ranks} must divide the global batch {GLOBAL_BATCH}")
-        print(f"command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
-        for rate in args.rate:
-            benchmark(rate, args)
-    except UserError as exc:
-        print(f"link.py: error: {exc}", file=sys.stderr)
-        return 2
+    args.rate = args.rate or ["1gbit"]
+    for rate in args.rate:
+        if rate != "none":
+            netns.parse_rate(rate)
+    args.methods = parse_methods(args.methods)
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not args.engines or set(args.engines) - {*ENGINES, UNBUCKETED}:
+        raise UserError(f"--engines {','.join(args.engines)}: choose from {', '.join((*ENGINES, UNBUCKETED))}")
+    if args.steps <= WARMUP_STEPS + 1 or not 1 <= args.evals <= args.steps:
+        raise UserError(f"--steps {args.steps} --evals {args.evals}: need steps > {WARMUP_STEPS + 1} "
+                        "(the first steps are set-up) and 1 <= evals <= steps")
+    if GLOBAL_BATCH % args.ranks:
+        raise UserError(f"--ranks {args.ranks} must divide the global batch {GLOBAL_BATCH}")
+    print(f"command: {command_line(argv)}")
+    for rate in args.rate:
+        benchmark(rate, args)
     return 0
 
 
