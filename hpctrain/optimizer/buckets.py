@@ -39,6 +39,8 @@ class Part:
 
 
 class Bucket:
+    """The open bucket of one kind (allreduce or allgather): payloads waiting to leave together."""
+
     def __init__(self, communicator: Communicator, kind: Literal["allreduce", "allgather"], capacity: int,
                  name: str, group_kw: dict[str, Any]):
         self._send = communicator.grouped_allreduce_async if kind == "allreduce" \
