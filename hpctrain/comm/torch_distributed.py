@@ -12,6 +12,7 @@ bytes, padded to the longest. With Gloo, CUDA tensors are staged through host me
 from __future__ import annotations
 
 import atexit
+import itertools
 import math
 import os
 import socket
@@ -179,7 +180,7 @@ class TorchCommunicator(Communicator):
         flat = torch.cat([flat, flat.new_zeros(longest - flat.numel())]) if flat.numel() < longest else flat
         gathered = flat.new_empty(size * longest)
         _all_gather_single(gathered, flat, group=group)
-        starts = [[r * longest + sum(s[:i]) for i in range(len(wires))] for r, s in enumerate(sent)]
+        starts = [[r * longest + offset for offset in itertools.accumulate(s, initial=0)] for r, s in enumerate(sent)]
         return [torch.cat([gathered[starts[r][i]: starts[r][i] + sent[r][i]] for r in range(size)])   # a copy: aligned
                 .view(w.dtype).view(-1, *w.shape[1:]).to(t.device)
                 for i, (w, t) in enumerate(zip(wires, tensors))]
