@@ -44,7 +44,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -100,6 +100,11 @@ class Choice:
     reason: str
     hierarchical: bool = False      # allgather compressors run hierarchically (several nodes)
     fit: Fit = Fit()                # kept for the decisions after the first
+
+    @classmethod
+    def dense(cls, layers: Iterable[str], step_s: float, reason: str, fit: Fit) -> Choice:
+        """Dense fp32 on every layer, its step `step_s` (predicted or measured)."""
+        return cls({layer: "none" for layer in layers}, step_s, step_s, reason, fit=fit)
 
 
 def build_candidates(names: tuple[str, ...] = CANDIDATES,
@@ -194,10 +199,10 @@ def choose(measured: Measured, ranks: int, network: Network, overlap: float = DE
     dense_exposed, _ = exposed(dense_comm, measured.compute_s, fit.overlap)
     dense_step = measured.compute_s + dense_exposed
     if dense_exposed <= 0.0:
-        return Choice({layer: "none" for layer in measured.layers}, dense_step, dense_step,
-                      f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its {dense_comm * 1e3:.3g} ms of "
-                      f"communication hides behind {measured.compute_s * 1e3:.3g} ms of compute "
-                      f"{_where(ranks, network, fit)}", fit=fit)
+        return Choice.dense(measured.layers, dense_step,
+                            f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its {dense_comm * 1e3:.3g} ms "
+                            f"of communication hides behind {measured.compute_s * 1e3:.3g} ms of compute "
+                            f"{_where(ranks, network, fit)}", fit)
     return _laid_out(measured, ranks, network, fit, dense_step)
 
 
@@ -354,10 +359,10 @@ class AutoCompression:
         fastest = min(s for c, s in self.tried)
         if not self.plans and not any(_all_dense(c) for c, _ in self.tried) and \
                 fastest <= (1 + CHECK_TOLERANCE) * dense <= self.trial_window * fastest:
-            self.plans.append(Choice({n: "none" for n in self.choice.per_layer}, dense, dense,
-                                     f"dense everywhere again (the warm-up's dense steps took {dense * 1e3:.3g} ms, "
-                                     f"within {self.trial_window:g}× of the fastest plan's {fastest * 1e3:.3g} ms)",
-                                     fit=self.choice.fit))
+            self.plans.append(Choice.dense(self.choice.per_layer, dense,
+                                           f"dense everywhere again (the warm-up's dense steps took {dense * 1e3:.3g} "
+                                           f"ms, within {self.trial_window:g}× of the fastest plan's "
+                                           f"{fastest * 1e3:.3g} ms)", self.choice.fit))
         if self.plans:
             plan = self.plans.pop(0)
             self._apply(self._optimizer, plan)
@@ -365,17 +370,17 @@ class AutoCompression:
             return self._event(step, global_batch, f"measuring the alternative {plan.reason} (the plan before "
                                f"it measured {seconds * 1e3:.3g} ms/step)", plan.dense_step_s / plan.predicted_step_s)
         remeasured = [s for c, s in self.tried if _all_dense(c)]
-        best, best_s = min(((c, s) for c, s in self.tried if not _all_dense(c)), key=lambda tried: tried[1])
-        summary = "; ".join(f"{_counts(c.per_layer)} {s * 1e3:.3g} ms" for c, s in self.tried if not _all_dense(c))
+        compressed = [(c, s) for c, s in self.tried if not _all_dense(c)]
+        best, best_s = min(compressed, key=lambda tried: tried[1])
+        summary = "; ".join(f"{_counts(c.per_layer)} {s * 1e3:.3g} ms" for c, s in compressed)
         if remeasured:      # side by side with the plans: no tolerance for dense's early steps
             dense, tolerance, which = remeasured[0], 0.0, "measured again"
         else:
             tolerance, which = CHECK_TOLERANCE, "in the warm-up"
         tried, self.tried = len(self.tried), []
         if best_s > (1 + tolerance) * dense:
-            keep = Choice({n: "none" for n in best.per_layer}, dense, dense,
-                          f"measured {summary} per step vs dense {dense * 1e3:.3g} ms ({which}): back to dense everywhere",
-                          fit=best.fit)
+            keep = Choice.dense(best.per_layer, dense, f"measured {summary} per step vs dense {dense * 1e3:.3g} ms "
+                                f"({which}): back to dense everywhere", best.fit)
         elif tried == 1:
             return None                   # the one plan measured no slower than dense: it stays
         else:
