@@ -5,6 +5,7 @@
     python optimizer_checks.py fusion     fused == unfused after 50 steps (SGD, Adam, AdamW; dense, topk)
     python optimizer_checks.py nan        rank 1 makes one gradient NaN at step 3 (the job must abort)
     python optimizer_checks.py buckets    the torch engine's buckets: fewer collectives, the same result
+    python optimizer_checks.py grouped    a grouped allgather equals one allgather per tensor
 
 Every check runs on every rank; rank 0 prints one `ok ...` line per passed check. A failed check
 raises, and `run_guarded` takes the whole job down (no rank is left waiting in a collective).
@@ -261,7 +262,21 @@ def bucket_checks() -> None:
     ok(f"buckets: collectives per step {collectives}, parameters identical after 5 steps")
 
 
-CHECKS = {"exchange": exchange_checks, "fusion": fusion_checks, "nan": nan_check, "buckets": bucket_checks}
+def grouped_allgather_check() -> None:
+    """Tensors of different dtypes, trailing shapes and per-rank lengths (one empty), gathered in
+    one grouped collective: each result equals that tensor's own allgather."""
+    me = comm.rank()
+    tensors = [torch.arange(3 + me, dtype=torch.float32), torch.full((me, 5), me, dtype=torch.int64),
+               torch.ones(2 * me + 1, 3, dtype=torch.float16), torch.tensor([me], dtype=torch.uint8)]   # no bool: Horovod refuses it
+    grouped = comm.get().grouped_allgather_async(tensors, name="grouped.all").wait()
+    for i, tensor in enumerate(tensors):
+        alone = comm.get().allgather_async(tensor, name=f"grouped.{i}").wait()
+        assert grouped[i].dtype == tensor.dtype and torch.equal(grouped[i], alone), (i, grouped[i], alone)
+    ok("grouped allgather: every tensor as its own allgather gives it")
+
+
+CHECKS = {"exchange": exchange_checks, "fusion": fusion_checks, "nan": nan_check, "buckets": bucket_checks,
+          "grouped": grouped_allgather_check}
 
 if __name__ == "__main__":
     comm.init()
