@@ -5,7 +5,10 @@
   does every step anyway, so every rank learns of a signal that reached any one of them at the
   same step, with no extra message; they finish that step, write a checkpoint together and exit
   with `REQUEUE_EXIT_CODE`. Repeated signals change nothing (a launcher's follow-up SIGTERM must not
-  cut the checkpoint short); a second Ctrl-C interrupts at once.
+  cut the checkpoint short); a second Ctrl-C interrupts at once. Once the checkpoint is written,
+  `exit_on_signal` makes a signal end the process with that code: srun --kill-on-bad-exit
+  terminates the ranks still exiting when the first one leaves with 75, and a rank killed by that
+  SIGTERM would turn the step's exit code from "requeue" into "failed".
 * `watch_launcher`: a rank whose launcher (mpirun, torchrun's agent, slurmstepd) is gone exits
   at once, without writing anything more: its parent process changing is the sign.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -54,6 +58,22 @@ class StopSignals:
 
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def exit_on_signal(self, code: int) -> None:
+        """From now on any stop signal exits at once with `code` (nothing is left to write)."""
+        self.restore()
+
+        def leave(signum: int, frame: Any) -> None:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, leave)
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():

@@ -23,6 +23,7 @@ from hpctrain import jobs
 from hpctrain.errors import UserError
 from hpctrain.h5log import read_log
 from hpctrain.local_launch import run_cli
+from hpctrain.preempt import REQUEUE_EXIT_CODE
 from tests.helpers import REPO
 from tests.slurm_cluster import SlurmCluster, install_packages
 
@@ -410,6 +411,23 @@ def test_slurm_step_ends_when_one_rank_fails(slurm, tmp_path):
     start = time.monotonic()
     state = slurm.wait_job(jobs.parse_job_id("slurm", proc.stdout), timeout=90)
     assert state == "FAILED" and time.monotonic() - start < 60, (state, (tmp_path / "out").read_text())
+
+
+def test_slurm_step_keeps_the_requeue_code_when_one_rank_exits_first(slurm, tmp_path):
+    """Ranks that checkpointed on a stop signal all exit 75, but not at the same instant: srun
+    --kill-on-bad-exit terminates the ones still tearing down as the first leaves. Those must
+    exit 75 too, or the step's code says "failed" and the script does not requeue."""
+    script = render("--site", "local", "--out-dir", str(tmp_path))
+    srun = next(line for line in script.splitlines() if line.startswith("srun ")).rstrip(" \\")
+    payload = ("import os, sys, time; from hpctrain import preempt; "
+               "preempt.StopSignals().install().exit_on_signal(preempt.REQUEUE_EXIT_CODE); "
+               "sys.exit(preempt.REQUEUE_EXIT_CODE) if os.environ['SLURM_PROCID'] == '1' else time.sleep(120)")
+    rc_file = tmp_path / "rc"
+    wrap = f"cd {REPO}; {srun} {sys.executable} -c {shlex.quote(payload)}; echo $? > {rc_file}"
+    proc = slurm.command("sbatch", "--parsable", "-N", "1", "-n", "2", "-o", str(tmp_path / "out"), "--wrap", wrap)
+    assert proc.returncode == 0, proc.stderr
+    slurm.wait_job(jobs.parse_job_id("slurm", proc.stdout), timeout=90)
+    assert rc_file.read_text().strip() == str(REQUEUE_EXIT_CODE), (tmp_path / "out").read_text()
 
 
 def test_slurm_walltime_signal_checkpoints_and_requeues(slurm, tmp_path, monkeypatch, capsys):

@@ -41,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
     except UserError as exc:
         raise AgreedError(str(exc)) from None
     try:
-        return Trainer(cfg, stop, resume=args.resume, overwrite=args.overwrite, prepare=True).fit()
-    finally:
+        code = Trainer(cfg, stop, resume=args.resume, overwrite=args.overwrite, prepare=True).fit()
+    except BaseException:
         stop.restore()      # from here a launcher's SIGTERM ends the process
+        raise
+    if code == preempt.REQUEUE_EXIT_CODE:
+        stop.exit_on_signal(code)   # checkpoint written: a launcher ending the step as a peer exits keeps the 75
+    else:
+        stop.restore()
+    return code
