@@ -9,6 +9,9 @@ faster than in the job) on one link of that rate shared by all ranks, and prints
 predicted vs measured with the error. So what the cells test is the model of communication:
 the α-β collectives, the shared link, and the overlap with backward.
 `auto` is predicted by itself: the step time its decision (the step log's `events` row) expected.
+`--engine torch` trains on the torch engine (its buckets fuse allgathers; the link probe times
+its collectives); `--predict-only` predicts again from the logs already in `--out` (a model
+change checked against the same measurements: no training, no root).
 
     python benchmarks/calibrate.py --model mlp --model cnn1d --ranks 4 --ranks 8 \\
         --rate 10gbit --rate 1gbit --rate 100mbit --steps 12
@@ -94,15 +97,22 @@ def run_cell(model: str, ranks: int, rate: str, args: argparse.Namespace) -> tup
     """Probe the link as the ranks see it and train every method in the throttled namespace (with
     --reuse: only the methods without a finished log in --out, and probe only if no probe is
     there); the step logs by method, and the link."""
-    out = args.out / f"{model}-{ranks}-{rate}"
+    out = cell_dir(model, ranks, rate, args)
+    paths = {method: out / link.run_settings(model, method, steps, 1, out, args.engine)["run.name"] / "log.h5"
+             for method in args.methods
+             for steps in [args.steps + (AUTO_MEASURING_STEPS if method == link.AUTO else 0)]}
+    if args.predict_only:
+        missing = [str(p) for p in [*paths.values(), out / "link.json"] if not p.is_file()]
+        if missing:
+            raise UserError(f"--predict-only: no {', '.join(missing)}; run without it to train (same --steps)")
+        return {method: read_log(path) for method, path in paths.items()}, probe(ranks, out / "link.json", args.engine)
     logs = {}
     with link.link(rate):
-        measured_link = probe(ranks, out / "link.json")
-        for method in args.methods:
+        measured_link = probe(ranks, out / "link.json", args.engine)
+        for method, path in paths.items():
             steps = args.steps + (AUTO_MEASURING_STEPS if method == link.AUTO else 0)
-            path = out / link.run_settings(model, method, steps, 1, out)["run.name"] / "log.h5"
             if not (args.reuse and finished(path, steps)):
-                result = link.train(method, "horovod", model, ranks, steps, 1, out)
+                result = link.train(method, args.engine, model, ranks, steps, 1, out)
                 if result.error:
                     raise UserError(f"{model}, {ranks} ranks, {rate}: {method} failed: {result.error}")
                 print(f"  {model} {ranks} {rate} {method}: {result.step_s * 1e3:.0f} ms/step", file=sys.stderr, flush=True)
@@ -118,13 +128,18 @@ def finished(path: Path, steps: int) -> bool:
         return False
 
 
-def probe(ranks: int, cache: Path) -> Link:
-    """The shared link the model is given, from two allreduces the ranks time (benchmarks/link.py's
-    probe): its rate from 16 MiB (all ranks' ring traffic crosses it), α such that the model's
-    1-float allreduce (recursive doubling, ⌈log₂P⌉ steps) takes what the engine took — Horovod's
-    negotiation and cycle time included."""
+def cell_dir(model: str, ranks: int, rate: str, args: argparse.Namespace) -> Path:
+    """Where a cell's logs and link probe go (the engine in the name unless Horovod's)."""
+    return args.out / f"{model}-{ranks}-{rate}{'' if args.engine == 'horovod' else '-' + args.engine}"
+
+
+def probe(ranks: int, cache: Path, engine: str) -> Link:
+    """The shared link the model is given, from two allreduces the ranks time on `engine`
+    (benchmarks/link.py's probe): its rate from 16 MiB (all ranks' ring traffic crosses it), α such
+    that the model's 1-float allreduce (recursive doubling, ⌈log₂P⌉ steps) takes what the engine
+    took — Horovod's negotiation and cycle time, the torch engine's communication thread included."""
     if not cache.is_file():
-        large, small = link.measure_bandwidth(ranks, 16), link.measure_bandwidth(ranks, 4 / 2**20)
+        large, small = link.measure_bandwidth(ranks, 16, engine), link.measure_bandwidth(ranks, 4 / 2**20, engine)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"large": vars(large), "small": vars(small)}))
     found = json.loads(cache.read_text())
@@ -150,9 +165,9 @@ def analyze(model: str, ranks: int, rate: str, logs: dict[str, dict], shared: Li
     shapes, each method's wire ratios and codec time as its own run measured them, on the probed
     `shared` link; the overlap with
     backward is what the dense run shows (`--overlap` unless given)."""
-    out = args.out / f"{model}-{ranks}-{rate}"
+    out = cell_dir(model, ranks, rate, args)
     measured = {m: steady(log, "step_time_s") for m, log in logs.items()}
-    dense_log = out / link.run_settings(model, "dense", args.steps, 1, out)["run.name"] / "log.h5"
+    dense_log = out / link.run_settings(model, "dense", args.steps, 1, out, args.engine)["run.name"] / "log.h5"
     profile, cfg, log = advise.read_profile(dense_log, link.WARMUP_STEPS)
     profile.compute_s = steady(logs["dense"], "step_time_s") - steady(logs["dense"], "comm_time_s")
     advise.build_methods(cfg, log, profile, [m for m in args.methods if m in FIXED], False, 0.1, 1500.0)
@@ -165,7 +180,7 @@ def analyze(model: str, ranks: int, rate: str, logs: dict[str, dict], shared: Li
     network = Network(shared, shared=True, label=rate)
     overlap = args.overlap if args.overlap is not None else fitted_overlap(profile, ranks, network, logs["dense"])
     verdict = predict(profile.methods, profile.layers, profile.compute_s, ranks, network, profile.codecs,
-                      overlap=overlap, min_numel=profile.min_numel)
+                      overlap=overlap, min_numel=profile.min_numel, fusion=profile.fusion)
     predicted = {p.method: p.step_s for p in verdict.predictions}
     if link.AUTO in logs:
         predicted[link.AUTO] = auto_prediction(logs[link.AUTO])
@@ -181,7 +196,7 @@ def fitted_overlap(profile: advise.Profile, ranks: int, network: Network, dense_
     communication − what the run waited) / compute, within [0, 1]."""
     dense = next(m for m in profile.methods if m.name == "dense")
     modelled = predict([dense], profile.layers, profile.compute_s, ranks, network, overlap=0.0,
-                       min_numel=profile.min_numel).predictions[0].comm_s
+                       min_numel=profile.min_numel, fusion=profile.fusion).predictions[0].comm_s
     waited = steady(dense_log, "comm_time_s")
     return min(1.0, max(0.0, (modelled - waited) / profile.compute_s))
 
@@ -205,11 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", choices=sorted(link.MODELS), help="repeatable (default mlp)")
     parser.add_argument("--ranks", action="append", type=int, help="repeatable (default 4)")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--engine", choices=link.ENGINES, default="horovod",
+                        help="the engine every run trains on (its cells go to MODEL-RANKS-RATE-ENGINE in --out "
+                             "unless Horovod)")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--overlap", type=float, help="fraction of compute that hides communication "
                                                       "(default: fitted to the dense run)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "calibrate")
     parser.add_argument("--reuse", action="store_true", help="keep the finished logs in --out: train only what is missing")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="predict from the logs and link probe already in --out (a model change checked "
+                             "against the same measurements): no training, no network namespace, no root")
     args = parser.parse_args(argv)
     if "dense" not in args.methods:
         args.methods = ["dense", *args.methods]

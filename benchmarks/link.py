@@ -115,8 +115,8 @@ def free_port() -> int:
 
 # -- the bandwidth probe (runs under mpirun) ------------------------------------------------
 def probe_main(megabytes: float, repeats: int) -> None:
-    """Each rank: time `repeats` allreduces of `megabytes` MB (the engine `auto` picks under
-    mpirun: Horovod); rank 0 prints one JSON line."""
+    """Each rank: time `repeats` allreduces of `megabytes` MB (on the engine HPCTRAIN_BACKEND
+    names, Horovod by default under mpirun); rank 0 prints one JSON line."""
     import torch
 
     from hpctrain import comm
@@ -151,9 +151,9 @@ class Probe:
                 f"→ bus bandwidth {per_rank / 1e9:.3f} Gbit/s per rank, {total / 1e9:.3f} Gbit/s through the link{limit}")
 
 
-def measure_bandwidth(ranks: int, megabytes: float) -> Probe:
+def measure_bandwidth(ranks: int, megabytes: float, engine: str = "horovod") -> Probe:
     proc = run_mpi(ranks, ["--probe", "--probe-mb", megabytes], program=[sys.executable, str(Path(__file__))],
-                   timeout=600)
+                   timeout=600, engine=engine)
     line = next(line for line in proc.stdout.splitlines() if line.startswith("PROBE "))
     return Probe(**json.loads(line[len("PROBE "):]))
 

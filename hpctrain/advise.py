@@ -26,7 +26,7 @@ import torch
 
 from hpctrain.compression.registry import build
 from hpctrain.commands.advise import METHODS   # the options live in a light module, for --help
-from hpctrain.cost import CodecTime, Layer, Link, Method, Network, predict, site_network
+from hpctrain.cost import CodecTime, Fusion, Layer, Link, Method, Network, predict, site_network
 from hpctrain.cost import codec as codec_model
 from hpctrain.cost.links import DEFAULT_INTRA
 from hpctrain.cost.overlap import DEFAULT_OVERLAP, compute_time
@@ -52,7 +52,8 @@ class Profile:
     layers: list[Layer]
     shapes_from: str
     min_numel: int
-    fusion_bytes: float
+    engine: str              # "horovod" or "torch": how it fuses collectives (`Fusion`)
+    fusion: Fusion
     methods: list[Method] = field(default_factory=list)
     codecs: dict[str, CodecTime] = field(default_factory=dict)
 
@@ -106,8 +107,10 @@ def read_profile(path: Path, skip: int | None) -> tuple[Profile, Any, dict[str, 
     compute_s = compute_time(list(steps["step_time_s"]), list(steps["comm_time_s"]), skip)
     sizes, _ = _layer_sizes(log.get("layers", {}), f"log {str(path)!r}")
     layers, shapes_from = _shapes(cfg, sizes)
+    engine = str(log["attrs"].get("engine") or (cfg.dist.backend if cfg.dist.backend != "auto" else "horovod"))
+    buffer_mb = cfg.horovod.fusion_threshold_mb if engine == "horovod" else cfg.dist.bucket_mb
     profile = Profile(path, int(log["attrs"].get("world_size", 1)), compute_s, f"steps {skip + 1}–{n}",
-                      layers, shapes_from, cfg.compression.min_numel, cfg.horovod.fusion_threshold_mb * 2**20)
+                      layers, shapes_from, cfg.compression.min_numel, engine, Fusion.of(engine, buffer_mb * 2**20))
     return profile, cfg, log
 
 
@@ -247,7 +250,7 @@ def _ms(seconds: float) -> str:
 def table(profile: Profile, network: Network, ranks: int, overlap: float) -> list[str]:
     both = network.ranks_per_node > 1 and network.nodes(ranks) > 1
     verdicts = {h: predict(profile.methods, profile.layers, profile.compute_s, ranks, network, profile.codecs, h,
-                           overlap, profile.min_numel, profile.fusion_bytes) for h in ((False, True) if both else (False,))}
+                           overlap, profile.min_numel, profile.fusion) for h in ((False, True) if both else (False,))}
     flat = verdicts[False]
     head = f"{'method':<10} {'step ms':>9} {'× dense':>8}"
     head += f" {'hier ms':>9} {'× dense':>8}" if both else ""
@@ -273,7 +276,9 @@ def report(profile: Profile, nets: list[tuple[Network, list[int]]], overlap: flo
     lines = [f"hpctrain advise {profile.path}",
              f"run: world size {profile.world_size}; compute {profile.compute_s * 1e3:.3g} ms/step (median of step − comm "
              f"time over {profile.steps_used}); {len(profile.layers)} gradients, {params:,} parameters "
-             f"({params * 4 / 1e6:.3g} MB fp32); shapes {profile.shapes_from}",
+             f"({params * 4 / 1e6:.3g} MB fp32); shapes {profile.shapes_from}; {profile.engine} engine: "
+             f"allreduces fused into {profile.fusion.buffer_bytes / 2**20:g} MB buffers, allgathers "
+             f"{'fused too' if profile.fusion.allgathers else 'one per layer'}",
              f"model: step = compute + codec + max(0, latency + bandwidth − {overlap:g} × compute); "
              f"times in ms; MB/rank = payload one rank hands to the network per step"]
     for m in profile.methods:

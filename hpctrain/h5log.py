@@ -1,7 +1,7 @@
 """The per-step HDF5 log: rank 0 appends one row per optimizer step and flushes it.
 
 Layout (schema version `SCHEMA_VERSION`):
-  /                 attrs: schema_version, config (JSON), world_size, hpctrain_version, started_at
+  /                 attrs: schema_version, config (JSON), world_size, engine, hpctrain_version, started_at
   /steps/<column>   resizable 1-D datasets, one row per optimizer step (STEP_COLUMNS)
   /evals/<column>   one row per evaluation (EVAL_COLUMNS): val_loss (the run's loss), and the
                     metric of the task, the other one NaN: val_accuracy (classification) or

@@ -365,7 +365,8 @@ class Trainer:
     def _open_log(self, resumed: bool) -> None:
         if not self.root:
             return
-        attrs = {"config": self.cfg.to_json(), "world_size": self.world, "hpctrain_version": __version__}
+        attrs = {"config": self.cfg.to_json(), "world_size": self.world, "hpctrain_version": __version__,
+                 "engine": comm.get().engine}
         self.log = StepLog(self.cfg.run_dir / "log.h5", attrs, resume=resumed,
                            resume_rows=self.log_rows)
         if self.log.set_aside_to is not None:

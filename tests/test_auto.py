@@ -47,6 +47,23 @@ def test_the_model_is_fitted_to_the_dense_step_the_run_waited_on() -> None:
     assert fit_to_dense(Measured(0.5, {"fc.weight": dict(LAYER)}), 8, network, overlap=0.3).overlap == 0.3
 
 
+def test_a_plan_is_priced_with_its_rounds_fused_as_advise_prices_a_method() -> None:
+    """On the torch engine ten layers' allgathers leave as one bucket: the plan pays one round's
+    α, not ten (Horovod's, ready on different cycles, pay ten), priced as `hpctrain advise` would."""
+    from hpctrain.compression.auto import Fit
+    from hpctrain.cost import Fusion
+    from hpctrain.cost.collectives import flat_allgatherv
+    layers = {f"l{i}.weight": dict(LAYER) for i in range(10)}
+    network, fit = Network(Link.parse("1gbit", latency_us=500)), Fit(1.0, 0.0)
+    torch_engine = choose(Measured(0.01, layers, fusion=Fusion.of("torch")), 8, network, fit=fit)
+    assert set(torch_engine.per_layer.values()) == {"adacomp"}
+    fused, one = flat_allgatherv(10 * 2e4, 8, network), flat_allgatherv(2e4, 8, network)
+    assert torch_engine.predicted_step_s == pytest.approx(0.01 + 10 * 2e-3 + fused.seconds)
+    assert fused.latency_s == one.latency_s > 0         # one round's α terms, not ten
+    horovod = choose(Measured(0.01, layers), 8, network, fit=fit)
+    assert horovod.predicted_step_s == pytest.approx(0.01 + 10 * 2e-3 + 10 * one.seconds)
+
+
 def test_many_ranks_turn_the_allgather_back_to_fp16() -> None:
     """The fan-in: (P−1)·k grows with P, fp16's allreduce does not."""
     measured = Measured(compute_s=0.0, layers={"fc.weight": dict(LAYER)})

@@ -12,7 +12,7 @@ from hpctrain.commands import advise as advise_command
 from hpctrain.compression.registry import build
 from hpctrain.cost import Layer, Link, Method, Network, parse_rate, predict, site_network
 from hpctrain.cost import collectives as co
-from hpctrain.cost.methods import exchange_cost
+from hpctrain.cost.methods import Fusion, exchange_cost
 from hpctrain.errors import UserError
 from hpctrain.local_launch import run_cli
 
@@ -62,14 +62,17 @@ def test_allgather_fan_in_makes_sparse_lose_to_dense_beyond_2c() -> None:
 def test_lowrank_sends_two_rounds_per_power_iteration() -> None:
     layer = Layer("w", (256, 512))
     ops = Method("lowrank", build("lowrank", {"rank": 4})).ops([layer])
-    assert [(op.round, op.nbytes) for op in ops] == [("P0", 256 * 4 * 4), ("Q0", 512 * 4 * 4)]
+    assert [(op.round, op.nbytes) for op in ops] == [("grad", 256 * 4 * 4), ("Q0", 512 * 4 * 4)]
     twice = Method("lowrank", build("lowrank", {"rank": 4, "power_iterations": 2})).ops([layer])
-    assert [op.round for op in twice] == ["P0", "Q0", "P1", "Q1"]
+    assert [op.round for op in twice] == ["grad", "Q0", "P1", "Q1"]
     network = Network(GBIT)
     cost, count = exchange_cost(ops, 16, network)
     assert count == 2          # P and Q cannot share a fused buffer: Q waits for P
     assert cost.latency_s == pytest.approx(co.flat_allreduce(4096, 16, network).latency_s
                                            + co.flat_allreduce(8192, 16, network).latency_s)
+    _, count = exchange_cost(Method("lowrank", build("lowrank", {"rank": 4})).ops([layer, Layer("v", (128, 128))]),
+                             16, network)
+    assert count == 2          # two layers: their Ps share a buffer, and their Qs
 
 
 def test_fused_dense_and_bypass() -> None:
@@ -81,6 +84,15 @@ def test_fused_dense_and_bypass() -> None:
     sparse = Method("adacomp", build("adacomp", None), default_ratio=100).ops(layers)
     assert [op.kind for op in sparse] == ["allgather", "allreduce", "allgather"]   # the bias rides the bypass
     assert sparse[0].nbytes == pytest.approx(64 * 64 * 4 / 100)
+    # Horovod: one allgather per layer (ready on different cycles); the torch engine's buckets fuse
+    # the two, except in the hierarchical exchange, which runs each among the node leaders alone
+    network = Network(GBIT, ranks_per_node=4)
+    assert exchange_cost(sparse, 8, network)[1] == 3
+    cost, count = exchange_cost(sparse, 8, network, fusion=Fusion.of("torch"))
+    assert count == 2
+    assert cost.bandwidth_s == pytest.approx(co.flat_allgatherv(2 * sparse[0].nbytes, 8, network).bandwidth_s
+                                             + co.flat_allreduce(64 * 4, 8, network).bandwidth_s)
+    assert exchange_cost(sparse, 8, network, hierarchical=True, fusion=Fusion.of("torch"))[1] == 3
 
 
 def test_hierarchical_divides_inter_node_bytes_by_ranks_per_node() -> None:

@@ -15,7 +15,9 @@ rank 0 alone measures:
   predicts the dense step the run really took, and later decisions keep that fit;
 
 and picks per layer (`choose`) by the model of `hpctrain.cost` for the current world size:
-per layer the candidate with the least exchange + codec seconds, flat or hierarchical on
+per layer the candidate that adds the least exchange + codec seconds (a collective the engine
+fuses into a running round adds no α terms: `Fusion`), the plan priced as `hpctrain advise`
+prices a method (`exchange_cost`, `hidden_s`), flat or hierarchical on
 several nodes — unless dense communication hides behind backward altogether, when dense
 everywhere wins (codecs cost time, hidden bytes do not). The choice (layer name → candidate
 name, and the layout) is broadcast, and every rank rebuilds its
@@ -43,7 +45,7 @@ import os
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -51,9 +53,10 @@ import torch
 from hpctrain import comm
 from hpctrain.compression import registry
 from hpctrain.compression.base import Compressor, ParamState, simulate
-from hpctrain.cost.collectives import flat_allgatherv, flat_allreduce, hierarchical_allgatherv
 from hpctrain.cost.links import Link, Network
-from hpctrain.cost.overlap import DEFAULT_OVERLAP, exposed
+from hpctrain.cost.methods import HOROVOD_FUSION, Fusion, Op, exchange_cost
+from hpctrain.cost.overlap import DEFAULT_OVERLAP
+from hpctrain.cost.prediction import hidden_s
 
 CANDIDATES = ("none", "fp16", "adacomp", "threshold", "lowrank")
 CHECK_TOLERANCE = 0.05    # the fastest plan measured slower than dense by more than this: back to dense
@@ -64,21 +67,31 @@ PROBE_BYTES = 4 * 2**20
 
 @dataclass(frozen=True)
 class LayerCost:
-    """One candidate on one layer, measured: bytes this rank sends, the collective, codec seconds;
-    `applies` False: the compressor does not take this shape (the layer would go dense)."""
+    """One candidate on one layer, measured: bytes this rank sends, the collective of its first
+    round, codec seconds, and the bytes of each later round (LowRank's Q: an allreduce that waits
+    for the first); `applies` False: the compressor does not take this shape (the layer would go dense)."""
     wire_bytes: float
     kind: str
     codec_s: float
     applies: bool = True
+    later_rounds: tuple[float, ...] = ()
+
+    def ops(self, dense_bytes: float) -> list[Op]:
+        """Its collectives for the cost model: the first round rides the step's gradient round
+        (launched as the layer's gradient is ready, fused with the other layers'), each later
+        round a round of its own."""
+        first = Op(self.kind, self.wire_bytes - sum(self.later_rounds), dense_bytes)
+        return [first] + [Op("allreduce", nbytes, 0.0, f"round{i}") for i, nbytes in enumerate(self.later_rounds, 1)]
 
 
 @dataclass
 class Measured:
-    """What a decision needs: compute per step, every candidate's cost on every layer, and (at
-    the first decision) what the step waited on its dense exchange."""
+    """What a decision needs: compute per step, every candidate's cost on every layer, (at the
+    first decision) what the step waited on its dense exchange, and how the engine fuses."""
     compute_s: float
     layers: dict[str, dict[str, LayerCost]] = field(default_factory=dict)   # layer → candidate → cost
     waited_s: float | None = None
+    fusion: Fusion = HOROVOD_FUSION
 
 
 @dataclass(frozen=True)
@@ -140,24 +153,34 @@ def measure_layers(grads: Mapping[str, torch.Tensor], candidates: Mapping[str, C
                 start = time.perf_counter()
                 simulate(compressor, [grad], [ParamState(name)], rounds)
                 best = min(best, time.perf_counter() - start)
-            kinds = {requests[0].kind for requests in rounds}
-            costs[cand] = LayerCost(sum(r[0].nbytes for r in rounds), kinds.pop() if len(kinds) == 1 else "allreduce",
-                                    best * share)
+            costs[cand] = LayerCost(sum(r[0].nbytes for r in rounds), rounds[0][0].kind, best * share,
+                                    later_rounds=tuple(float(r[0].nbytes) for r in rounds[1:]))
         out[name] = costs
     return out
 
 
-def _exchange_s(cost: LayerCost, dense_bytes: float, ranks: int, network: Network, hierarchical: bool) -> float:
-    if cost.kind == "allgather" and hierarchical:
-        return hierarchical_allgatherv(cost.wire_bytes, dense_bytes, ranks, network).seconds
-    if cost.kind == "allgather":
-        return flat_allgatherv(cost.wire_bytes, ranks, network).seconds
-    return flat_allreduce(cost.wire_bytes, ranks, network).seconds
+def _plan_ops(measured: Measured, per_layer: Mapping[str, str]) -> list[Op]:
+    """The step's collectives when each layer sends with its candidate in `per_layer`."""
+    return [op for layer, cand in per_layer.items()
+            for op in measured.layers[layer][cand].ops(measured.layers[layer]["none"].wire_bytes)]
 
 
 def _dense_exchange_s(measured: Measured, ranks: int, network: Network) -> float:
-    """The modelled seconds of sending every measured layer dense (fp32, flat)."""
-    return sum(_exchange_s(c["none"], 0.0, ranks, network, False) for c in measured.layers.values())
+    """The modelled seconds of sending every measured layer dense (fp32, flat, fused)."""
+    dense = _plan_ops(measured, {layer: "none" for layer in measured.layers})
+    return exchange_cost(dense, ranks, network, fusion=measured.fusion)[0].seconds
+
+
+def _added_s(cost: LayerCost, dense_bytes: float, ranks: int, network: Network, hierarchical: bool,
+             fusion: Fusion) -> float:
+    """What one more layer sending `cost` adds to the step's exchange: the bandwidth of each of its
+    collectives, and the α terms of those that go alone (a fused one joins a running round)."""
+    free = replace(network, inter=replace(network.inter, latency_s=0.0), intra=replace(network.intra, latency_s=0.0))
+    seconds = 0.0
+    for op in cost.ops(dense_bytes):
+        alone = op.kind == "allgather" and (hierarchical or not fusion.allgathers)
+        seconds += exchange_cost([op], ranks, network if alone else free, hierarchical, fusion)[0].seconds
+    return seconds
 
 
 def fit_to_dense(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP) -> Fit:
@@ -174,18 +197,37 @@ def fit_to_dense(measured: Measured, ranks: int, network: Network, overlap: floa
 
 def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool, fit: Fit,
           only: str | None = None) -> tuple[dict[str, str], float]:
-    """Per layer the candidate of least exchange + codec seconds (or `only`, where it applies),
-    and the predicted step."""
-    per_layer, comm_s, codec_s = {}, 0.0, 0.0
+    """Per layer the candidate that adds the least exchange + codec seconds (or `only`, where it
+    applies), then, one layer at a time, whichever candidate makes the whole plan's predicted step
+    shortest (a round's α terms are paid once, by whichever layers are in it), until no change
+    helps; the plan and its predicted step."""
+    per_layer = {}
     for layer, costs in measured.layers.items():
         dense_bytes = costs["none"].wire_bytes
-        seconds = {cand: fit.scale * _exchange_s(c, dense_bytes, ranks, network, hierarchical) + c.codec_s
+        seconds = {cand: fit.scale * _added_s(c, dense_bytes, ranks, network, hierarchical, measured.fusion) + c.codec_s
                    for cand, c in costs.items()}
-        best = only if only is not None and costs[only].applies else min(seconds, key=seconds.get)
-        per_layer[layer] = best
-        comm_s += seconds[best] - costs[best].codec_s
-        codec_s += costs[best].codec_s
-    return per_layer, measured.compute_s + codec_s + exposed(comm_s, measured.compute_s, fit.overlap)[0]
+        per_layer[layer] = only if only is not None and costs[only].applies else min(seconds, key=seconds.get)
+    step = predict_step(measured, per_layer, ranks, network, hierarchical, fit)
+    improved = only is None
+    while improved:
+        improved = False
+        for layer, costs in measured.layers.items():
+            for cand in (c for c, cost in costs.items() if cost.applies):
+                trial = {**per_layer, layer: cand}
+                trial_step = predict_step(measured, trial, ranks, network, hierarchical, fit)
+                if trial_step < step * (1 - 1e-9):
+                    per_layer, step, improved = trial, trial_step, True
+    return per_layer, step
+
+
+def predict_step(measured: Measured, per_layer: Mapping[str, str], ranks: int, network: Network,
+                 hierarchical: bool, fit: Fit) -> float:
+    """The model's step for a plan (`hpctrain.cost.prediction`'s terms), its exchange × fit.scale."""
+    ops, fusion = _plan_ops(measured, per_layer), measured.fusion
+    comm_s = fit.scale * exchange_cost(ops, ranks, network, hierarchical, fusion)[0].seconds
+    codec_s = sum(measured.layers[layer][cand].codec_s for layer, cand in per_layer.items())
+    hidden = hidden_s(ops, measured.compute_s, ranks, network, hierarchical, fit.overlap, fusion, fit.scale)
+    return measured.compute_s + codec_s + (comm_s - hidden)      # exactly compute + codec when all hides
 
 
 def choose(measured: Measured, ranks: int, network: Network, overlap: float = DEFAULT_OVERLAP,
@@ -196,9 +238,8 @@ def choose(measured: Measured, ranks: int, network: Network, overlap: float = DE
     model is first fitted to the measured dense wait (`fit_to_dense`) unless `fit` is given."""
     fit = fit or fit_to_dense(measured, ranks, network, overlap)
     dense_comm = fit.scale * _dense_exchange_s(measured, ranks, network)
-    dense_exposed, _ = exposed(dense_comm, measured.compute_s, fit.overlap)
-    dense_step = measured.compute_s + dense_exposed
-    if dense_exposed <= 0.0:
+    dense_step = predict_step(measured, {layer: "none" for layer in measured.layers}, ranks, network, False, fit)
+    if dense_step <= measured.compute_s:
         return Choice.dense(measured.layers, dense_step,
                             f"dense everywhere: predicted {dense_step * 1e3:.3g} ms/step; its {dense_comm * 1e3:.3g} ms "
                             f"of communication hides behind {measured.compute_s * 1e3:.3g} ms of compute "
@@ -322,7 +363,8 @@ class AutoCompression:
         if communicator.rank == 0:
             layers = {n: g for n, g in grads.items() if optimizer.compressor_names.get(n, "dense") != "dense"}
             measured = Measured(compute_s, measure_layers(layers, self.candidates,
-                                                          share=cpu_share(communicator.local_size, layers)), waited_s)
+                                                          share=cpu_share(communicator.local_size, layers)), waited_s,
+                                Fusion.of(communicator.engine, communicator.bucket_bytes or None))
             choice = choose(measured, communicator.size, network, self.overlap,
                             self.choice.fit if self.choice is not None else None)
             plans = [choice]

@@ -18,7 +18,7 @@ from typing import Any
 # Names load on first use: `links` and `overlap` need no torch (`hpctrain advise --help` reads
 # their defaults), `methods` and what builds on it do.
 _WHERE = {"CodecTime": "codec", "Cost": "collectives", "Link": "links", "Network": "links", "parse_rate": "links",
-          "site_network": "links", "Layer": "methods", "Method": "methods", "Op": "methods",
+          "site_network": "links", "Fusion": "methods", "Layer": "methods", "Method": "methods", "Op": "methods",
           "Prediction": "prediction", "Verdict": "prediction", "predict": "prediction",
           "predict_one": "prediction"}
 __all__ = list(_WHERE)

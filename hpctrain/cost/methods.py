@@ -5,7 +5,8 @@
 - AdaComp, Threshold, TopK: per layer a variable-length allgather of dense/ratio bytes, the
   ratio measured (in the run's log, or on synthetic gradients by `simulate`);
 - LowRank: per power iteration two rounds, allreduce of P [n×r] then of Q [m×r] (fp32), the
-  second waiting for the first;
+  second waiting for the first; the first P rides the gradient round (launched, like a dense
+  gradient, as the layer's gradient is ready);
 - every method: tensors the policy leaves out (numel < min_numel, shapes the compressor does
   not apply to) ride one fused fp32 "bypass" allreduce.
 The compressors' own `applies_to` and the policy's `bypass_reason` decide, on meta tensors.
@@ -23,7 +24,30 @@ from hpctrain.cost.collectives import ZERO, Cost, flat_allgatherv, flat_allreduc
 from hpctrain.cost.links import Network
 
 FP32 = 4
-DEFAULT_FUSION_BYTES = 64 * 2**20     # Horovod's default HOROVOD_FUSION_THRESHOLD (config horovod.fusion_threshold_mb)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How an engine packs one step's collectives: allreduces of a round share buffers of up to
+    `buffer_bytes`; allgathers of a round too when `allgathers`, else one per layer.
+
+    Horovod fuses what is ready in one cycle (1 ms): the calibration runs here match one fused
+    allreduce for dense and one allgather per layer for the sparse compressors, whose layers are
+    ready on different cycles during backward. The torch engine's buckets (`dist.bucket_mb`)
+    hold a kind's collectives until full or until backward's last gradient: allgathers fuse.
+    """
+    buffer_bytes: float
+    allgathers: bool
+
+    @classmethod
+    def of(cls, engine: str, buffer_bytes: float | None = None) -> Fusion:
+        """The engine's ("horovod" or "torch") packing, its default buffer unless given."""
+        default = HOROVOD_FUSION if engine == "horovod" else TORCH_FUSION
+        return cls(default.buffer_bytes if buffer_bytes is None else buffer_bytes, default.allgathers)
+
+
+HOROVOD_FUSION = Fusion(64 * 2**20, allgathers=False)   # HOROVOD_FUSION_THRESHOLD (horovod.fusion_threshold_mb)
+TORCH_FUSION = Fusion(25 * 2**20, allgathers=True)      # dist.bucket_mb
 
 
 @dataclass(frozen=True)
@@ -43,7 +67,7 @@ class Layer:
 @dataclass(frozen=True)
 class Op:
     """One collective of one step: `nbytes` is this rank's payload, `dense_bytes` the fp32
-    gradient it stands for. Allreduces of the same `round` are fused into shared buffers."""
+    gradient it stands for. Collectives of one kind and `round` are fused (`fuse`)."""
     kind: Literal["allreduce", "allgather"]
     nbytes: float
     dense_bytes: float
@@ -76,7 +100,8 @@ class Method:
             elif isinstance(chosen, LowRank):
                 rows, cols = layer.shape[0], layer.numel // layer.shape[0]
                 for i in range(chosen.power_iterations):
-                    ops.append(Op("allreduce", FP32 * rows * chosen.rank, layer.dense_bytes / 2, f"P{i}"))
+                    ops.append(Op("allreduce", FP32 * rows * chosen.rank, layer.dense_bytes / 2,
+                                  "grad" if i == 0 else f"P{i}"))
                     ops.append(Op("allreduce", FP32 * cols * chosen.rank, layer.dense_bytes / 2, f"Q{i}"))
             elif chosen.kind == "allgather":
                 ratio = self.ratios.get(layer.name, self.default_ratio)
@@ -88,30 +113,31 @@ class Method:
         return ops
 
 
-def fuse(ops: list[Op], fusion_bytes: float) -> list[Op]:
-    """Allreduces of one round packed into buffers of at most `fusion_bytes` (greedy, in order);
-    allgathers stay one per layer (each has its own variable lengths)."""
+def fuse(ops: list[Op], fusion: Fusion, hierarchical: bool = False) -> list[Op]:
+    """Collectives of one kind and round packed into buffers of at most `fusion.buffer_bytes`
+    (greedy, in order); allgathers only where `fusion.allgathers` and not `hierarchical` (which
+    runs each layer's allgather among the node leaders on its own)."""
     fused: list[Op] = []
-    buckets: dict[str, list[Op]] = {}
+    buckets: dict[tuple[str, str], list[Op]] = {}
     for op in ops:
-        if op.kind != "allreduce":
+        if op.kind == "allgather" and (hierarchical or not fusion.allgathers):
             fused.append(op)
             continue
-        bucket = buckets.setdefault(op.round, [])
-        if bucket and bucket[-1].nbytes + op.nbytes <= fusion_bytes:
+        bucket = buckets.setdefault((op.kind, op.round), [])
+        if bucket and bucket[-1].nbytes + op.nbytes <= fusion.buffer_bytes:
             last = bucket[-1]
-            bucket[-1] = Op("allreduce", last.nbytes + op.nbytes, last.dense_bytes + op.dense_bytes, op.round)
+            bucket[-1] = Op(op.kind, last.nbytes + op.nbytes, last.dense_bytes + op.dense_bytes, op.round)
         else:
             bucket.append(op)
     return [op for bucket in buckets.values() for op in bucket] + fused
 
 
 def exchange_cost(ops: list[Op], ranks: int, network: Network, hierarchical: bool = False,
-                  fusion_bytes: float = DEFAULT_FUSION_BYTES) -> tuple[Cost, int]:
-    """The summed cost of one step's collectives, each paying its own α terms (Horovod runs them
-    one after the other on its background thread); and how many collectives there are."""
+                  fusion: Fusion = HOROVOD_FUSION) -> tuple[Cost, int]:
+    """The summed cost of one step's collectives after fusion, each paying its own α terms (the
+    engines run them one after the other on one communication thread); and how many there are."""
     total, count = ZERO, 0
-    for op in fuse(ops, fusion_bytes):
+    for op in fuse(ops, fusion, hierarchical):
         if op.kind == "allreduce":
             cost = (hierarchical_allreduce if hierarchical else flat_allreduce)(op.nbytes, ranks, network)
         elif hierarchical:

@@ -12,7 +12,7 @@ from typing import Mapping
 
 from hpctrain.cost.codec import CodecTime
 from hpctrain.cost.links import Network
-from hpctrain.cost.methods import DEFAULT_FUSION_BYTES, Layer, Method, exchange_cost, payload_bytes, received_bytes
+from hpctrain.cost.methods import HOROVOD_FUSION, Fusion, Layer, Method, Op, exchange_cost, payload_bytes, received_bytes
 from hpctrain.cost.overlap import DEFAULT_OVERLAP, exposed
 
 
@@ -52,34 +52,41 @@ class Verdict:
 
 # The rounds that start during backward; a later round (LowRank's Q) needs the first one's result,
 # which arrives after backward, so compute cannot hide it.
-FIRST_ROUNDS = ("grad", "bypass", "P0")
+FIRST_ROUNDS = ("grad", "bypass")
 
 
 def predict_one(method: Method, layers: list[Layer], compute_s: float, ranks: int, network: Network,
                 codec: CodecTime = CodecTime(), hierarchical: bool = False, overlap: float = DEFAULT_OVERLAP,
-                min_numel: int = 1024, fusion_bytes: float = DEFAULT_FUSION_BYTES) -> Prediction:
+                min_numel: int = 1024, fusion: Fusion = HOROVOD_FUSION) -> Prediction:
     ops = method.ops(layers, min_numel)
-    cost, count = exchange_cost(ops, ranks, network, hierarchical, fusion_bytes)
+    cost, count = exchange_cost(ops, ranks, network, hierarchical, fusion)
     if ranks <= 1:
         received = 0.0
     elif hierarchical and network.nodes(ranks) > 1 and not network.shared:
         received = received_bytes(ops, network.nodes(ranks))     # the leader scatters N−1 payloads
     else:
         received = received_bytes(ops, ranks)
-    first, _ = exchange_cost([op for op in ops if op.round in FIRST_ROUNDS], ranks, network, hierarchical, fusion_bytes)
-    _, hidden = exposed(first.seconds, compute_s, overlap)
+    hidden = hidden_s(ops, compute_s, ranks, network, hierarchical, overlap, fusion)
     return Prediction(method.name, ranks, hierarchical, compute_s, codec.seconds(received), cost.latency_s,
                       cost.bandwidth_s, hidden, payload_bytes(ops), cost.inter_bytes, count, cost.algorithm)
+
+
+def hidden_s(ops: list[Op], compute_s: float, ranks: int, network: Network, hierarchical: bool = False,
+             overlap: float = DEFAULT_OVERLAP, fusion: Fusion = HOROVOD_FUSION, scale: float = 1.0) -> float:
+    """What of the step's exchange backward hides: its first rounds (`FIRST_ROUNDS`, their
+    modelled seconds × `scale`), up to `overlap` × compute."""
+    first, _ = exchange_cost([op for op in ops if op.round in FIRST_ROUNDS], ranks, network, hierarchical, fusion)
+    return exposed(scale * first.seconds, compute_s, overlap)[1]
 
 
 def predict(methods: list[Method], layers: list[Layer], compute_s: float, ranks: int, network: Network,
             codecs: Mapping[str, CodecTime] | None = None, hierarchical: bool = False,
             overlap: float = DEFAULT_OVERLAP, min_numel: int = 1024,
-            fusion_bytes: float = DEFAULT_FUSION_BYTES) -> Verdict:
+            fusion: Fusion = HOROVOD_FUSION) -> Verdict:
     """Every method at `ranks` ranks; the first method is the baseline the speedups refer to."""
     codecs = codecs or {}
     predictions = [predict_one(m, layers, compute_s, ranks, network, codecs.get(m.name, CodecTime()),
-                               hierarchical, overlap, min_numel, fusion_bytes) for m in methods]
+                               hierarchical, overlap, min_numel, fusion) for m in methods]
     winner = min(predictions, key=lambda p: p.step_s)
     return Verdict(predictions, winner, reason(winner, predictions[0], predictions))
 
