@@ -60,7 +60,7 @@ from hpctrain.cost.prediction import hidden_s
 
 CANDIDATES = ("none", "fp16", "adacomp", "threshold", "lowrank")
 CHECK_TOLERANCE = 0.05    # the fastest plan measured slower than dense by more than this: back to dense
-TRIAL_PLANS = 3           # plans measured at the first decision: the model's and its nearest alternatives
+TRIAL_PLANS = 5           # plans measured at the first decision: the model's and up to one per other candidate
 TRIAL_WINDOW = 1.5        # an alternative is measured when predicted within this factor of the model's plan
 PROBE_BYTES = 4 * 2**20
 
