@@ -49,10 +49,10 @@ METHODS = (*FIXED, link.AUTO)
 ERROR_TARGET, WINNER_TARGET, AUTO_TARGET = 0.20, 0.10, 0.10
 NOISE = 0.03        # run-to-run spread of a median step here: "not slower than dense" allows it
 # auto measures its plans after the decision (compression.trial_plans × (check_steps + 1) steps,
-# and as many again for dense when the verdict is close): it trains that much longer, so its
-# steady steps are at least as many as the fixed methods'.
+# as many again for dense and twice as many for the two fastest when the verdict is close): it
+# trains that much longer, so its steady steps are at least as many as the fixed methods'.
 _DEFAULTS = CompressionConfig()
-AUTO_MEASURING_STEPS = (_DEFAULTS.trial_plans + 1) * (_DEFAULTS.check_steps + 1)
+AUTO_MEASURING_STEPS = (_DEFAULTS.trial_plans + 3) * (_DEFAULTS.check_steps + 1)
 
 
 @dataclass

@@ -145,11 +145,11 @@ def test_a_checkpoint_mid_measuring_keeps_the_plans_still_to_measure() -> None:
     saved = AutoCompression(candidates, warmup_steps=3)
     saved.attach(opt)
     saved._apply(opt, best)
-    saved.plans, saved.tried, saved.trial, saved.trial_from = [other], [(best, 0.25)], [0.2], 12
+    saved.plans, saved.tried, saved.trial, saved.trial_from = [other], [(best, [0.25, 0.26])], [0.2], 12
     resumed = AutoCompression(candidates, warmup_steps=3)
     resumed.attach(opt)
     resumed.load_state_dict(saved.state_dict())
-    assert resumed.choice == best and resumed.plans == [other] and resumed.tried == [(best, 0.25)]
+    assert resumed.choice == best and resumed.plans == [other] and resumed.tried == [(best, [0.25, 0.26])]
     assert (resumed.trial, resumed.trial_from) == ([0.2], 12) and opt.compressor_names == {"weight": "adacomp"}
     opt.remove_hooks()
 
@@ -214,6 +214,12 @@ def test_the_fastest_measured_plan_stays_dense_measured_again_when_close(engine)
     assert any(line.startswith("ok auto race faster:") for line in passed), passed
     assert any(line.startswith("ok auto race slower:") for line in passed), passed
     assert any(line.startswith("ok auto race dense again:") for line in passed), passed
+
+
+@pytest.mark.mpi
+def test_the_two_fastest_within_1_2x_are_measured_again(engine) -> None:
+    passed = _worker_passes(2, "confirm", engine)
+    assert any(line.startswith("ok auto confirm:") for line in passed), passed
 
 
 @pytest.mark.mpi

@@ -153,9 +153,9 @@ def race_checks() -> None:
     """The model's plan (AdaComp) and an alternative (fp16 alone, let in by an infinite window) run
     4 steps each: the faster measured stays, or dense when both are slower than the warm-up's
     dense steps (0.1 s); when the faster is faster than those, dense runs 4 steps again beside
-    them and the fastest of the three stays."""
+    them and the fastest of the three stays (the two fastest 1.5× apart: none measured again)."""
     cases = (({"adacomp": 0.08, "fp16": 0.06}, "fp16", True), ({"adacomp": 0.2, "fp16": 0.3}, "none", False),
-             ({"adacomp": 0.09, "fp16": 0.08, "none": 0.07}, "none", True))
+             ({"adacomp": 0.09, "fp16": 0.105, "none": 0.07}, "none", True))
     for case, (seconds, kept, again) in enumerate(cases):
         name = f"{case}.w"
         rows, names = given_times(name, ("adacomp", "fp16"), 20, lambda plan: seconds.get(plan, 0.1),
@@ -178,7 +178,27 @@ def race_checks() -> None:
             ok("auto race slower: both plans measured slower than dense, every rank went back to dense")
 
 
-CHECKS = {"decide": decide_checks, "hierarchical": hierarchical_checks, "check": check_checks, "race": race_checks}
+def confirm_checks() -> None:
+    """AdaComp's first 4 steps are lucky (0.06 s, then 0.12), fp16 takes 0.07 throughout: within
+    1.2× of each other, both run 4 steps again, and fp16, faster over all its steps, stays."""
+    calls = {"adacomp": 0}
+
+    def seconds(plan: str) -> float:
+        if plan != "adacomp":
+            return 0.07 if plan == "fp16" else 0.1
+        calls["adacomp"] += 1
+        return 0.06 if calls["adacomp"] <= 5 else 0.12       # the step after the switch, then 4 measured
+
+    rows, names = given_times("confirm.w", ("adacomp", "fp16"), 30, seconds, trial_window=float("inf"))
+    assert [r["step"] for r in rows] == [3, 8, 13, 18, 23, 28], rows        # AdaComp, fp16, dense again, the two
+    assert "measuring again fp16 ×1 and adacomp ×1, the two fastest (70 and 60 ms/step, within 1.2×)" in rows[3]["reason"], rows
+    assert "keeps per layer fp16 ×1" in rows[5]["reason"] and "adacomp ×1 90 ms" in rows[5]["reason"], rows
+    assert names == {"confirm.w": "fp16"}, names
+    ok("auto confirm: the two fastest within 1.2× measured again, the lucky first measurement lost to the steadier plan")
+
+
+CHECKS = {"decide": decide_checks, "hierarchical": hierarchical_checks, "check": check_checks, "race": race_checks,
+          "confirm": confirm_checks}
 
 if __name__ == "__main__":
     comm.init()
