@@ -421,8 +421,10 @@ class AutoCompression:
                                    f"{ranked[0][1] * 1e3:.3g} ms/step, within {CONFIRM_WINDOW:g}×)")
         if self.plans:
             plan = self.plans[0]
-            return self._next_plan(step, global_batch, f"measuring the alternative {plan.reason} (the plan before "
-                                   f"it measured {seconds * 1e3:.3g} ms/step)")
+            what = f"again {_counts(plan.per_layer)}" if any(plan == c for c, _ in self.tried) else \
+                f"the alternative {plan.reason}"
+            return self._next_plan(step, global_batch, f"measuring {what} (the plan before it measured "
+                                   f"{seconds * 1e3:.3g} ms/step)")
         remeasured = [s for c, s in medians if _all_dense(c)]
         compressed = [(c, s) for c, s in medians if not _all_dense(c)]
         best, best_s = min(compressed, key=lambda tried: tried[1])

@@ -192,6 +192,7 @@ def confirm_checks() -> None:
     rows, names = given_times("confirm.w", ("adacomp", "fp16"), 30, seconds, trial_window=float("inf"))
     assert [r["step"] for r in rows] == [3, 8, 13, 18, 23, 28], rows        # AdaComp, fp16, dense again, the two
     assert "measuring again fp16 ×1 and adacomp ×1, the two fastest (70 and 60 ms/step, within 1.2×)" in rows[3]["reason"], rows
+    assert "measuring again adacomp ×1 (the plan before it measured 70 ms/step)" in rows[4]["reason"], rows
     assert "keeps per layer fp16 ×1" in rows[5]["reason"] and "adacomp ×1 90 ms" in rows[5]["reason"], rows
     assert names == {"confirm.w": "fp16"}, names
     ok("auto confirm: the two fastest within 1.2× measured again, the lucky first measurement lost to the steadier plan")
