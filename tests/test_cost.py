@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from hpctrain import advise
 from hpctrain.commands import advise as advise_command
 from hpctrain.compression.registry import build
 from hpctrain.cost import Layer, Link, Method, Network, parse_rate, predict, site_network
