@@ -98,9 +98,8 @@ def run_cell(model: str, ranks: int, rate: str, args: argparse.Namespace) -> tup
     --reuse: only the methods without a finished log in --out, and probe only if no probe is
     there); the step logs by method, and the link."""
     out = cell_dir(model, ranks, rate, args)
-    paths = {method: out / link.run_settings(model, method, steps, 1, out, args.engine)["run.name"] / "log.h5"
-             for method in args.methods
-             for steps in [args.steps + (AUTO_MEASURING_STEPS if method == link.AUTO else 0)]}
+    paths = {method: out / link.run_settings(model, method, run_steps(method, args), 1, out, args.engine)["run.name"]
+             / "log.h5" for method in args.methods}
     if args.predict_only:
         missing = [str(p) for p in [*paths.values(), out / "link.json"] if not p.is_file()]
         if missing:
@@ -110,7 +109,7 @@ def run_cell(model: str, ranks: int, rate: str, args: argparse.Namespace) -> tup
     with link.link(rate):
         measured_link = probe(ranks, out / "link.json", args.engine)
         for method, path in paths.items():
-            steps = args.steps + (AUTO_MEASURING_STEPS if method == link.AUTO else 0)
+            steps = run_steps(method, args)
             if not (args.reuse and finished(path, steps)):
                 result = link.train(method, args.engine, model, ranks, steps, 1, out)
                 if result.error:
@@ -126,6 +125,11 @@ def finished(path: Path, steps: int) -> bool:
         return path.is_file() and len(read_log(path)["steps"]["step"]) >= steps
     except UserError:
         return False
+
+
+def run_steps(method: str, args: argparse.Namespace) -> int:
+    """How many steps `method` trains: `--steps`, and auto's measuring on top."""
+    return args.steps + (AUTO_MEASURING_STEPS if method == link.AUTO else 0)
 
 
 def cell_dir(model: str, ranks: int, rate: str, args: argparse.Namespace) -> Path:

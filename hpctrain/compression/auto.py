@@ -176,11 +176,16 @@ def _dense_exchange_s(measured: Measured, ranks: int, network: Network) -> float
     return exchange_cost(dense, ranks, network, fusion=measured.fusion)[0].seconds
 
 
-def _added_s(cost: LayerCost, dense_bytes: float, ranks: int, network: Network, hierarchical: bool,
+def _without_latency(network: Network) -> Network:
+    """`network` with its α terms at zero: what a collective costs that joins a running round."""
+    return replace(network, inter=replace(network.inter, latency_s=0.0), intra=replace(network.intra, latency_s=0.0))
+
+
+def _added_s(cost: LayerCost, dense_bytes: float, ranks: int, network: Network, free: Network, hierarchical: bool,
              fusion: Fusion) -> float:
     """What one more layer sending `cost` adds to the step's exchange: the bandwidth of each of its
-    collectives, and the α terms of those that go alone (a fused one joins a running round)."""
-    free = replace(network, inter=replace(network.inter, latency_s=0.0), intra=replace(network.intra, latency_s=0.0))
+    collectives, and the α terms of those that go alone (a fused one joins a running round, priced
+    on `free`: `_without_latency(network)`)."""
     seconds = 0.0
     for op in cost.ops(dense_bytes):
         alone = op.kind == "allgather" and (hierarchical or not fusion.allgathers)
@@ -206,11 +211,11 @@ def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool, 
     applies), then, one layer at a time, whichever candidate makes the whole plan's predicted step
     shortest (a round's α terms are paid once, by whichever layers are in it), until no change
     helps; the plan and its predicted step."""
-    per_layer = {}
+    per_layer, free = {}, _without_latency(network)
     for layer, costs in measured.layers.items():
         dense_bytes = costs["none"].wire_bytes
-        seconds = {cand: fit.scale * _added_s(c, dense_bytes, ranks, network, hierarchical, measured.fusion) + c.codec_s
-                   for cand, c in costs.items()}
+        seconds = {cand: fit.scale * _added_s(c, dense_bytes, ranks, network, free, hierarchical, measured.fusion)
+                   + c.codec_s for cand, c in costs.items()}
         per_layer[layer] = only if only is not None and costs[only].applies else min(seconds, key=seconds.get)
     step = predict_step(measured, per_layer, ranks, network, hierarchical, fit)
     improved = only is None
@@ -405,14 +410,14 @@ class AutoCompression:
         seconds = self._record(self.choice, samples)
         self.trial = None
         medians = self._medians()
-        fastest = min(s for c, s in medians)
+        ranked = sorted(medians, key=lambda tried: tried[1])
+        fastest = ranked[0][1]
         if not self.plans and not any(_all_dense(c) for c, _ in medians) and \
                 fastest <= (1 + CHECK_TOLERANCE) * dense <= self.trial_window * fastest:
             self.plans.append(Choice.dense(self.choice.per_layer, dense,
                                            f"dense everywhere again (the warm-up's dense steps took {dense * 1e3:.3g} "
                                            f"ms, within {self.trial_window:g}× of the fastest plan's "
                                            f"{fastest * 1e3:.3g} ms)", self.choice.fit))
-        ranked = sorted(medians, key=lambda tried: tried[1])
         if not self.plans and len(ranked) > 1 and ranked[1][1] <= CONFIRM_WINDOW * ranked[0][1] and \
                 all(len(times) <= self.check_steps for _, times in self.tried):
             self.plans = [ranked[1][0], ranked[0][0]]       # close: a few noisy steps must not decide it
