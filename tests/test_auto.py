@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from hpctrain.compression import AdaComp, Policy, TopK
-from hpctrain.compression.auto import (AutoCompression, LayerCost, Measured, alternatives, auto_from_config,
-                                       build_candidates, choose, cpu_share, fit_to_dense, measure_layers)
+from hpctrain.compression.auto import (BYPASS, AutoCompression, LayerCost, Measured, alternatives, auto_from_config,
+                                       build_candidates, choose, cpu_share, fit_to_dense, measure_layers, predict_step)
 from hpctrain.compression.policy import DENSE, policy_from_config
 from hpctrain.config import CompressionConfig
 from hpctrain.cost import Link, Network
@@ -85,9 +85,10 @@ def test_several_nodes_run_the_sparse_allgather_hierarchically_where_that_is_fas
     assert not shared.hierarchical        # one shared link: nothing to gain by grouping
 
 
-def test_alternatives_are_single_candidates_near_the_models_plan() -> None:
-    """What auto measures beside its own plan: each candidate on every layer it applies to (the
-    model's pick elsewhere), predicted within the window, nearest first; never the plan itself."""
+def test_alternatives_place_each_candidate_as_its_fixed_method_would() -> None:
+    """What auto measures beside its own plan: each candidate on every layer it applies to and the
+    bypass elsewhere (as `compression.name = CANDIDATE` places them), predicted within the window,
+    nearest first; never the plan itself."""
     conv = {**LAYER, "adacomp": LayerCost(4e6, "allreduce", 0.0, applies=False)}
     measured = Measured(compute_s=0.01, layers={"fc.weight": {**LAYER, "lowrank": LayerCost(4e4, "allreduce", 4e-3)},
                                                 "conv.weight": {**conv, "lowrank": LayerCost(4e6, "allreduce", 0.0, False)}})
@@ -95,13 +96,26 @@ def test_alternatives_are_single_candidates_near_the_models_plan() -> None:
     best = choose(measured, 8, network)
     assert best.per_layer == {"fc.weight": "adacomp", "conv.weight": "fp16"}
     plans = alternatives(measured, 8, network, best, limit=5, window=100.0)
-    # adacomp where it applies is the model's plan itself; lowrank takes fc, conv keeps fp16
-    assert [p.per_layer for p in plans] == [{"fc.weight": "lowrank", "conv.weight": "fp16"},
-                                            {"fc.weight": "fp16", "conv.weight": "fp16"}]
-    assert best.predicted_step_s < plans[0].predicted_step_s < plans[1].predicted_step_s
+    assert [p.per_layer for p in plans] == [{"fc.weight": "fp16", "conv.weight": "fp16"},
+                                            {"fc.weight": "adacomp", "conv.weight": BYPASS},
+                                            {"fc.weight": "lowrank", "conv.weight": BYPASS}]
+    assert best.predicted_step_s < plans[0].predicted_step_s < plans[1].predicted_step_s < plans[2].predicted_step_s
     assert [p.per_layer for p in alternatives(measured, 8, network, best, limit=1, window=100.0)] == [plans[0].per_layer]
     within = plans[0].predicted_step_s / best.predicted_step_s
     assert alternatives(measured, 8, network, best, limit=5, window=within * 0.99) == []
+
+
+def test_a_dense_layer_alone_in_its_round_rides_the_bypass() -> None:
+    """On Horovod a sparse plan's allgathers leave one per layer: a small layer sent dense as it is
+    ready pays an allreduce's α of its own, on the bypass (which runs anyway) it pays none."""
+    small = {"none": LayerCost(8e3, "allreduce", 0.0), "fp16": LayerCost(4e3, "allreduce", 1e-4),
+             "adacomp": LayerCost(8e3, "allgather", 0.0, applies=False)}
+    measured = Measured(compute_s=0.0, layers={"fc.weight": dict(LAYER), "head.weight": small}, bypass_bytes=400)
+    network = Network(Link.parse("1gbit", latency_us=500))
+    choice = choose(measured, 8, network)
+    assert choice.per_layer == {"fc.weight": "adacomp", "head.weight": BYPASS}
+    alone = {**choice.per_layer, "head.weight": "none"}
+    assert predict_step(measured, alone, 8, network, False, choice.fit) > choice.predicted_step_s
 
 
 def test_measure_layers_times_real_codecs_and_counts_their_payloads() -> None:
@@ -154,7 +168,9 @@ def test_a_checkpoint_mid_measuring_keeps_the_plans_still_to_measure() -> None:
     opt.remove_hooks()
 
 
-def test_changing_compressor_carries_the_residual_into_the_next_gradient() -> None:
+@pytest.mark.parametrize("dense, name", [(None, "dense"), (DENSE, "none")], ids=["bypass", "as-ready"])
+def test_changing_compressor_carries_the_residual_into_the_next_gradient(dense, name) -> None:
+    """To dense fp32 (on the bypass, or sent as it is ready) and back: the residual is sent once."""
     from hpctrain.optimizer import DistributedOptimizer
 
     layer = nn.Linear(64, 64, bias=False)
@@ -166,11 +182,14 @@ def test_changing_compressor_carries_the_residual_into_the_next_gradient() -> No
     held = opt._states[layer.weight].residual.clone()
     assert held.abs().sum() > 0
     opt.zero_grad()
-    opt.set_compressors({"weight": None})               # dense fp32: no error feedback
-    assert opt.compressor_names == {"weight": "none"}
+    opt.set_compressors({"weight": dense})              # dense fp32: no error feedback
+    assert opt.compressor_names == {"weight": name}
     assert torch.equal(opt._states[layer.weight].residual, held)     # pending, and so in a checkpoint
+    twin = nn.Linear(64, 64, bias=False)          # this step's own gradient, from outside the optimizer
+    twin.load_state_dict(layer.state_dict())
+    twin(x).square().sum().backward()
+    fresh = twin.weight.grad
     layer(x).square().sum().backward()
-    fresh = layer.weight.grad.clone()
     opt.step()
     assert torch.allclose(layer.weight.grad, fresh + held, atol=1e-6)     # nothing lost
     assert opt._states[layer.weight].residual is None                     # and added once
@@ -189,9 +208,11 @@ def _worker_passes(ranks: int, check: str, engine: str, env: dict[str, str] | No
 
 @pytest.mark.mpi
 def test_two_ranks_agree_on_the_choice(engine) -> None:
-    passed = _worker_passes(2, "decide", engine)
+    passed = _worker_passes(2, "decide", engine, env={"HOROVOD_FUSION_THRESHOLD": str(2**20)})
     assert any(line.startswith("ok auto link=auto:") for line in passed), passed
     assert any(line.startswith("ok auto link=1mbit:") for line in passed), passed
+    if engine == "horovod":        # the model fuses what Horovod's buffer holds, as the job set it
+        assert f"ok fusion buffer {2**20} bytes" in passed, passed
 
 
 @pytest.mark.mpi

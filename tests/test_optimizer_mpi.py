@@ -46,6 +46,10 @@ def test_a_grouped_allgather_equals_one_allgather_per_tensor(engine):
     assert "ok grouped allgather: every tensor as its own allgather gives it" in _passed(2, "grouped", engine)
 
 
+def test_layers_move_onto_the_bypass_and_off_it_between_steps(engine):
+    assert any(line.startswith("ok placement:") for line in _passed(2, "placement", engine))
+
+
 def test_nan_gradient_on_one_rank_names_the_parameter_and_step_and_aborts_the_job(engine):
     start = time.monotonic()
     proc = run_mpi(2, ["nan"], program=WORKER, check=False, timeout=120, engine=engine)

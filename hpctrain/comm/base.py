@@ -47,6 +47,12 @@ class Communicator(abc.ABC):
     # (`hpctrain.optimizer.buckets`); 0 where the engine fuses on its own (Horovod's cycle).
     bucket_bytes: int = 0
 
+    @property
+    def fusion_bytes(self) -> int:
+        """The most gradient bytes one fused collective carries (the cost model's `Fusion`): the
+        optimizer's buckets here, the engine's own buffer where it fuses (Horovod)."""
+        return self.bucket_bytes
+
     @abc.abstractmethod
     def allreduce_async(self, tensor: torch.Tensor, name: str, average: bool = True, group: Any = None) -> Work:
         """Sum (or mean) over ranks into a new tensor; `tensor` is left as it is."""

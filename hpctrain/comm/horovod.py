@@ -41,6 +41,11 @@ class HorovodCommunicator(Communicator):
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         self.simulate_nodes()
 
+    @property
+    def fusion_bytes(self) -> int:
+        """Horovod's fusion buffer: HOROVOD_FUSION_THRESHOLD (`horovod.fusion_threshold_mb`), 64 MiB unset."""
+        return int(os.environ.get("HOROVOD_FUSION_THRESHOLD", 64 * 2**20))
+
     def _op(self, average: bool) -> Any:
         return self.hvd.Average if average else self.hvd.Sum
 

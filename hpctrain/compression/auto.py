@@ -16,20 +16,21 @@ rank 0 alone measures:
 
 and picks per layer (`choose`) by the model of `hpctrain.cost` for the current world size:
 per layer the candidate that adds the least exchange + codec seconds (a collective the engine
-fuses into a running round adds no α terms: `Fusion`), the plan priced as `hpctrain advise`
-prices a method (`exchange_cost`, `hidden_s`), flat or hierarchical on
+fuses into a running round adds no α terms: `Fusion`), or BYPASS (dense fp32 in the allreduce
+that carries the small tensors and the non-finite flags after backward anyway), the plan priced
+as `hpctrain advise` prices a method (`exchange_cost`, `hidden_s`), flat or hierarchical on
 several nodes — unless dense communication hides behind backward altogether, when dense
 everywhere wins (codecs cost time, hidden bytes do not). The choice (layer name → candidate
-name, and the layout) is broadcast, and every rank rebuilds its
+name or BYPASS, and the layout) is broadcast, and every rank rebuilds its
 per-parameter compressors (`DistributedOptimizer.set_compressors`: residuals of layers whose
 compressor changes go into their next gradient, so nothing is lost). `decide` returns the event
 row the trainer logs in the step log's `events` group, its reason naming the choice.
 
 The model can be wrong (per-collective overheads it does not describe, a busy machine), so the
 first decision is settled by measurement, as an autotuner would: the model's plan and up to
-TRIAL_PLANS − 1 alternatives (each candidate on every layer it applies to, if the model puts
-that within TRIAL_WINDOW of its plan: `alternatives`) run `compression.check_steps` steps each, one after the
-other, and the fastest measured stays — or dense, when even that is slower than the dense steps
+TRIAL_PLANS − 1 alternatives (each candidate placed as its fixed method would place it — on every
+layer it applies to, the bypass elsewhere — if the model puts that within TRIAL_WINDOW of its
+plan: `alternatives`) run `compression.check_steps` steps each, one after the other, and the fastest measured stays — or dense, when even that is slower than the dense steps
 of the warm-up at the same global batch by more than CHECK_TOLERANCE. When the fastest is faster
 than those but within TRIAL_WINDOW of them, dense runs `check_steps` steps again beside the
 plans (the warm-up's steps come first in the run, when steps are slowest) and the fastest of all
@@ -57,12 +58,14 @@ import torch
 from hpctrain import comm
 from hpctrain.compression import registry
 from hpctrain.compression.base import Compressor, ParamState, simulate
+from hpctrain.compression.policy import DENSE
 from hpctrain.cost.links import Link, Network
 from hpctrain.cost.methods import HOROVOD_FUSION, Fusion, Op, exchange_cost
 from hpctrain.cost.overlap import DEFAULT_OVERLAP
 from hpctrain.cost.prediction import hidden_s
 
 CANDIDATES = ("none", "fp16", "adacomp", "threshold", "lowrank")
+BYPASS = "bypass"         # a layer's other placement: dense fp32 in the fused allreduce after backward
 CHECK_TOLERANCE = 0.05    # the fastest plan measured slower than dense by more than this: back to dense
 TRIAL_PLANS = 5           # plans measured at the first decision: the model's and up to one per other candidate
 TRIAL_WINDOW = 1.5        # an alternative is measured when predicted within this factor of the model's plan
@@ -74,29 +77,39 @@ PROBE_BYTES = 4 * 2**20
 class LayerCost:
     """One candidate on one layer, measured: bytes this rank sends, the collective of its first
     round, codec seconds, and the bytes of each later round (LowRank's Q: an allreduce that waits
-    for the first); `applies` False: the compressor does not take this shape (the layer would go dense)."""
+    for the first); `applies` False: the compressor does not take this shape (the layer would ride
+    the bypass); `round`: "bypass" for the placement BYPASS."""
     wire_bytes: float
     kind: str
     codec_s: float
     applies: bool = True
     later_rounds: tuple[float, ...] = ()
+    round: str = "grad"
 
     def ops(self, dense_bytes: float) -> list[Op]:
         """Its collectives for the cost model: the first round rides the step's gradient round
-        (launched as the layer's gradient is ready, fused with the other layers'), each later
-        round a round of its own."""
-        first = Op(self.kind, self.wire_bytes - sum(self.later_rounds), dense_bytes)
+        (launched as the layer's gradient is ready, fused with the other layers') or the bypass,
+        each later round a round of its own."""
+        first = Op(self.kind, self.wire_bytes - sum(self.later_rounds), dense_bytes, self.round)
         return [first] + [Op("allreduce", nbytes, 0.0, f"round{i}") for i, nbytes in enumerate(self.later_rounds, 1)]
 
 
 @dataclass
 class Measured:
     """What a decision needs: compute per step, every candidate's cost on every layer, (at the
-    first decision) what the step waited on its dense exchange, and how the engine fuses."""
+    first decision) what the step waited on its dense exchange, how the engine fuses, and the
+    bytes the bypass carries whatever the plan (the small tensors, every rank's non-finite flag)."""
     compute_s: float
     layers: dict[str, dict[str, LayerCost]] = field(default_factory=dict)   # layer → candidate → cost
     waited_s: float | None = None
     fusion: Fusion = HOROVOD_FUSION
+    bypass_bytes: float = 0.0
+
+    def options(self, layer: str) -> dict[str, LayerCost]:
+        """Where `layer` can go: each candidate that takes its shape, and BYPASS."""
+        costs = self.layers[layer]
+        bypass = LayerCost(costs["none"].wire_bytes, "allreduce", 0.0, round="bypass")
+        return {**{cand: cost for cand, cost in costs.items() if cost.applies}, BYPASS: bypass}
 
 
 @dataclass(frozen=True)
@@ -165,9 +178,11 @@ def measure_layers(grads: Mapping[str, torch.Tensor], candidates: Mapping[str, C
 
 
 def _plan_ops(measured: Measured, per_layer: Mapping[str, str]) -> list[Op]:
-    """The step's collectives when each layer sends with its candidate in `per_layer`."""
+    """The step's collectives when each layer sends with its candidate in `per_layer` (and the
+    bypass, which always runs)."""
+    always = [Op("allreduce", measured.bypass_bytes, measured.bypass_bytes, "bypass")] if measured.bypass_bytes else []
     return [op for layer, cand in per_layer.items()
-            for op in measured.layers[layer][cand].ops(measured.layers[layer]["none"].wire_bytes)]
+            for op in measured.options(layer)[cand].ops(measured.layers[layer]["none"].wire_bytes)] + always
 
 
 def _dense_exchange_s(measured: Measured, ranks: int, network: Network) -> float:
@@ -207,22 +222,26 @@ def fit_to_dense(measured: Measured, ranks: int, network: Network, overlap: floa
 
 def _plan(measured: Measured, ranks: int, network: Network, hierarchical: bool, fit: Fit,
           only: str | None = None) -> tuple[dict[str, str], float]:
-    """Per layer the candidate that adds the least exchange + codec seconds (or `only`, where it
-    applies), then, one layer at a time, whichever candidate makes the whole plan's predicted step
-    shortest (a round's α terms are paid once, by whichever layers are in it), until no change
-    helps; the plan and its predicted step."""
+    """Per layer the candidate (or BYPASS) that adds the least exchange + codec seconds, then, one
+    layer at a time, whichever makes the whole plan's predicted step shortest (a round's α terms
+    are paid once, by whichever layers are in it), until no change helps; the plan and its
+    predicted step. With `only`: that candidate wherever it applies and the bypass elsewhere, as
+    the fixed method's policy places them."""
     per_layer, free = {}, _without_latency(network)
     for layer, costs in measured.layers.items():
+        if only is not None:
+            per_layer[layer] = only if costs[only].applies else BYPASS
+            continue
         dense_bytes = costs["none"].wire_bytes
         seconds = {cand: fit.scale * _added_s(c, dense_bytes, ranks, network, free, hierarchical, measured.fusion)
-                   + c.codec_s for cand, c in costs.items()}
-        per_layer[layer] = only if only is not None and costs[only].applies else min(seconds, key=seconds.get)
+                   + c.codec_s for cand, c in measured.options(layer).items()}
+        per_layer[layer] = min(seconds, key=seconds.get)
     step = predict_step(measured, per_layer, ranks, network, hierarchical, fit)
     improved = only is None
     while improved:
         improved = False
-        for layer, costs in measured.layers.items():
-            for cand in (c for c, cost in costs.items() if cost.applies):
+        for layer in measured.layers:
+            for cand in measured.options(layer):
                 trial = {**per_layer, layer: cand}
                 trial_step = predict_step(measured, trial, ranks, network, hierarchical, fit)
                 if trial_step < step * (1 - 1e-9):
@@ -235,7 +254,7 @@ def predict_step(measured: Measured, per_layer: Mapping[str, str], ranks: int, n
     """The model's step for a plan (`hpctrain.cost.prediction`'s terms), its exchange × fit.scale."""
     ops, fusion = _plan_ops(measured, per_layer), measured.fusion
     comm_s = fit.scale * exchange_cost(ops, ranks, network, hierarchical, fusion)[0].seconds
-    codec_s = sum(measured.layers[layer][cand].codec_s for layer, cand in per_layer.items())
+    codec_s = sum(measured.options(layer)[cand].codec_s for layer, cand in per_layer.items())
     hidden = hidden_s(ops, measured.compute_s, ranks, network, hierarchical, fit.overlap, fusion, fit.scale)
     return measured.compute_s + codec_s + (comm_s - hidden)      # exactly compute + codec when all hides
 
@@ -266,7 +285,7 @@ def _laid_out(measured: Measured, ranks: int, network: Network, fit: Fit, dense_
     plans = {h: _plan(measured, ranks, network, h, fit, only) for h in layouts}
     hierarchical = min(plans, key=lambda h: plans[h][1])
     per_layer, step = plans[hierarchical]
-    hierarchical = hierarchical and any(measured.layers[n][c].kind == "allgather" for n, c in per_layer.items())
+    hierarchical = hierarchical and any(measured.options(n)[c].kind == "allgather" for n, c in per_layer.items())
     counts = _counts(per_layer)
     layout = f", hierarchical over {network.nodes(ranks)} nodes (flat {plans[False][1] * 1e3:.3g} ms)" \
         if hierarchical else ""
@@ -290,7 +309,7 @@ def _counts(per_layer: Mapping[str, str]) -> str:
 def alternatives(measured: Measured, ranks: int, network: Network, best: Choice, limit: int = TRIAL_PLANS - 1,
                  window: float = TRIAL_WINDOW) -> list[Choice]:
     """Plans worth measuring beside the model's `best`: each candidate on every layer it applies
-    to (the model's pick on the others) that the model predicts within `window` × best's step,
+    to (the bypass on the others) that the model predicts within `window` × best's step,
     nearest first, at most `limit`; none that repeats a plan already listed."""
     seen, found = [best.per_layer, {layer: "none" for layer in measured.layers}], []     # dense: the warm-up measured it
     for cand in next(iter(measured.layers.values()), {}):
@@ -371,10 +390,11 @@ class AutoCompression:
         measuring = first and self.check_steps > 0 and bool(self.dense_steps)
         plans = None
         if communicator.rank == 0:
-            layers = {n: g for n, g in grads.items() if optimizer.compressor_names.get(n, "dense") != "dense"}
+            layers = {n: g for n, g in grads.items() if n not in self._small}
             measured = Measured(compute_s, measure_layers(layers, self.candidates,
                                                           share=cpu_share(communicator.local_size, layers)), waited_s,
-                                Fusion.of(communicator.engine, communicator.bucket_bytes or None))
+                                Fusion.of(communicator.engine, communicator.fusion_bytes or None),
+                                bypass_bytes=4 * (sum(self._small.values()) + communicator.size))
             choice = choose(measured, communicator.size, network, self.overlap,
                             self.choice.fit if self.choice is not None else None)
             plans = [choice]
@@ -480,6 +500,8 @@ class AutoCompression:
         self._optimizer, self._root, self._armed, self._grads = optimizer, comm.get().rank == 0, False, {}
         self._names = {p: n for g in optimizer.param_groups for p in g["params"]
                        for n in [optimizer._names.get(p)] if n is not None}
+        min_numel = optimizer.policy.min_numel       # smaller ones always ride the bypass: numel by name
+        self._small = {n: p.numel() for p, n in self._names.items() if p.numel() < min_numel and p.requires_grad}
         self._handle = optimizer.register_gradient_observer(self)
 
     def before_exchange(self, param: torch.Tensor, grad: torch.Tensor, sqnorm: torch.Tensor) -> None:
@@ -534,7 +556,8 @@ class AutoCompression:
 
     def _apply(self, optimizer: Any, choice: Choice) -> None:
         """Every rank: `choice`'s compressors and layout from the next step on."""
-        optimizer.set_compressors({n: self.candidates[c] for n, c in choice.per_layer.items()})
+        optimizer.set_compressors({n: None if c == BYPASS else DENSE if c == "none" else self.candidates[c]
+                                   for n, c in choice.per_layer.items()})
         optimizer.set_hierarchical(choice.hierarchical)
         self.choice = choice
 

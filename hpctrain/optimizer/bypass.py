@@ -1,7 +1,7 @@
 """The small-tensor bypass: one fused dense allreduce per step, with every rank's non-finite flag.
 
 Tensors below the policy's `min_numel` (and shapes the chosen compressor cannot take) are not
-worth encoding. After backward their gradients, in construction order (the same group on every
+worth encoding; `compression = "auto"` may put larger ones here too (`set_params`). After backward their gradients, in construction order (the same group on every
 rank), and the step's non-finite flags (`NonFiniteFlags.to_send`) leave as one grouped
 allreduce of plain sums: the gradients prescaled by 1/gradient_predivide_factor before it and
 scaled to the average (or sum) after it.
@@ -21,6 +21,14 @@ class Bypass:
         self._comm = communicator
         self._reduction = reduction
         self._work: Work | None = None
+        self._changes = 0             # membership changes so far (`set_params`)
+
+    def set_params(self, params: list[torch.Tensor]) -> None:
+        """Carry these parameters from the next step on (between steps: nothing in flight). The
+        collective takes a new name, so no engine sees one name with two layouts."""
+        self.params = params
+        self._changes += 1
+        self._name = f"{self._name.rsplit('@', 1)[0]}@{self._changes}"
 
     @property
     def in_flight(self) -> bool:

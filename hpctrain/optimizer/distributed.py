@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from hpctrain import comm
 from hpctrain.compression.base import Compressor, ParamState
 from hpctrain.compression.dense import FP16
-from hpctrain.compression.policy import DENSE, Policy, as_policy
+from hpctrain.compression.policy import Policy, as_policy
 from hpctrain.errors import InvalidArgument
 from hpctrain.optimizer.fusion import Fusion, fusion_mode
 from hpctrain.optimizer.reduction import Reduction, check_groups, check_predivide, reduce_op
@@ -75,8 +75,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         trainable = [p for p in all_params if p.requires_grad]
         self._sync = GradientSync(trainable, self._names, self.policy, reduction, communicator, self.sparse_as_dense,
                                   place=self._fusion.place, stop_on_overflow=self._fusion.updates_as_landed)
-        self.compressor_names = {self._names[p]: c.name if c is not None else "dense"
-                                 for p, c in self._sync.compressors.items()}
+        self.compressor_names = self._compressor_names()
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._passes = {p: 0 for p in trainable}
         self._synchronized = False                    # this step's gradients are exchanged and stored
@@ -163,12 +162,19 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._passes = dict.fromkeys(self._passes, 0)
 
     def set_compressors(self, chosen: dict[str, Compressor | None]) -> None:
-        """From the next step on, send each named parameter with its compressor (None: dense
-        fp32); call between steps (`compression = "auto"` does, see hpctrain/compression/auto.py).
-        Residuals of parameters whose compressor changes are not lost (`GradientSync.set_compressors`)."""
-        self._sync.set_compressors({n: DENSE if c is None else c for n, c in chosen.items()})
-        self.compressor_names = {self._names[p]: c.name if c is not None else "dense"
-                                 for p, c in self._sync.compressors.items()}
+        """From the next step on, send each named parameter with its compressor; call between
+        steps (`compression = "auto"` does, see hpctrain/compression/auto.py). None, or a
+        compressor that does not take the shape, puts the parameter on the fused bypass (dense fp32
+        in the one allreduce after backward, as the policy does); `NoCompression()` sends it dense
+        fp32 as soon as its gradient is ready. Residuals of parameters whose compressor changes are
+        not lost (`GradientSync.set_compressors`). Parameters below the policy's `min_numel` stay
+        on the bypass (an error to change)."""
+        self._sync.set_compressors(chosen)
+        self.compressor_names = self._compressor_names()
+
+    def _compressor_names(self) -> dict[str, str]:
+        """Each trainable parameter's compressor by name ("dense": the bypass)."""
+        return {self._names[p]: c.name if c is not None else "dense" for p, c in self._sync.compressors.items()}
 
     def set_hierarchical(self, on: bool) -> None:
         """From the next step on, run the one-round allgather compressors hierarchically on a

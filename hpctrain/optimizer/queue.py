@@ -57,8 +57,8 @@ class _InFlight:
 
 
 class ExchangeQueue:
-    def __init__(self, order: list[torch.Tensor], names: dict[torch.Tensor, str], communicator: Communicator,
-                 reduction: Reduction, start: Callable[[torch.Tensor, torch.Tensor], Rounds],
+    def __init__(self, order: list[torch.Tensor], names: dict[torch.Tensor, str], bucket_name: str,
+                 communicator: Communicator, reduction: Reduction, start: Callable[[torch.Tensor, torch.Tensor], Rounds],
                  finish: Callable[[torch.Tensor, torch.Tensor], None],
                  count_wire: Callable[[torch.Tensor, int, bool], None], count_codec: Callable[[float], None],
                  count_collectives: Callable[[int], None],
@@ -76,9 +76,8 @@ class ExchangeQueue:
         self._launched = 0                                       # how many of `order` have started this step
         self._ready: dict[torch.Tensor, torch.Tensor] = {}       # checked gradients awaiting their turn
         self._inflight: dict[torch.Tensor, _InFlight] = {}       # in launch order: the queue rounds advance in
-        self._buckets = {kind: Bucket(communicator, kind, communicator.bucket_bytes, f"{names[order[0]]}.bucket",
-                                      self._group_kw)
-                         for kind in ("allreduce", "allgather") if communicator.bucket_bytes and order}
+        self._buckets = {kind: Bucket(communicator, kind, communicator.bucket_bytes, bucket_name, self._group_kw)
+                         for kind in ("allreduce", "allgather") if communicator.bucket_bytes}
 
     @property
     def busy(self) -> bool:
@@ -98,6 +97,12 @@ class ExchangeQueue:
             self._launch(_InFlight(turn, rounds, request, []))
         if self._launched == len(self.order):
             self._launch_buckets()
+
+    def set_order(self, order: list[torch.Tensor]) -> None:
+        """Exchange these parameters, in this launch order, from the next step on (between steps)."""
+        if self._inflight or self._launched or self._ready:
+            raise RuntimeError("the exchange queue changed with exchanges in flight")
+        self.order = order
 
     def new_step(self) -> None:
         """Every gradient of the step has been added: the next ones start the order again."""

@@ -81,12 +81,11 @@ class GradientSync:
         self.nodes: NodeGroups | None = None
         self.set_hierarchical(policy.hierarchical)
         # -- where gradients go: the queue (compressed), the bypass (small), and back via `place`
-        self.queue = ExchangeQueue([p for p in reversed(params) if self.compressors[p] is not None], names,
-                                   communicator, reduction, self._rounds, self._store, self._count_wire, self._count_codec,
-                                   self._count_collectives,
-                                   spans_nodes=communicator.local_size < reduction.size)
-        bypassed = [p for p in params if self.compressors[p] is None]
-        self.bypass = Bypass(bypassed, f"{names[params[0]]}.bypass" if params else "bypass", communicator, reduction)
+        first = names[params[0]] if params else "gradients"    # names the collectives (unique as parameter names are)
+        self.queue = ExchangeQueue(self._launch_order(), names, f"{first}.bucket", communicator, reduction,
+                                   self._rounds, self._store, self._count_wire, self._count_codec,
+                                   self._count_collectives, spans_nodes=communicator.local_size < reduction.size)
+        self.bypass = Bypass(self._bypassed(), f"{first}.bypass", communicator, reduction)
         self._place = place                    # the fusion mode's: into p.grad, or aside
         self._seen: set[torch.Tensor] = set()  # submitted this step
         # -- checks and measurement
@@ -116,13 +115,13 @@ class GradientSync:
         for observer in list(self.observers.values()):
             observer.before_exchange(p, grad, sqnorm)
         self.stats.dense_bytes += grad.numel() * 4
-        compressor = self.compressors[p]
-        if compressor is None:
-            return False
-        state = self.states[p]
-        if not compressor.error_feedback and state.residual is not None:   # left by a changed compressor
-            grad = grad + state.residual.to(grad.dtype)
+        compressor, state = self.compressors[p], self.states[p]
+        if state.residual is not None and (compressor is None or not compressor.error_feedback):
+            grad = grad + state.residual.to(grad.dtype)      # left by a changed compressor: sent now
             state.residual = None
+        if compressor is None:
+            p.grad = grad                  # the bypass reads p.grad
+            return False
         if compressor.error_feedback and not grad.is_sparse:   # a non-finite gradient must not enter the residual
             grad = torch.where(finite, grad, 0) if grad.is_cuda else grad if bool(finite) else torch.zeros_like(grad)
         self.queue.add(p, grad)
@@ -134,23 +133,37 @@ class GradientSync:
         same step boundary. Stays flat where the ranks do not form several nodes."""
         self.nodes = self._communicator.node_groups() if on and self._reduction.process_set is None else None
 
-    def set_compressors(self, chosen: dict[str, Compressor]) -> None:
+    def set_compressors(self, chosen: dict[str, Compressor | None]) -> None:
         """Send these parameters (by name) with these compressors from the next step on (between
-        steps only: nothing in flight). A changed compressor starts with empty memory; its old
-        residual stays the residual when the new one has error feedback, else it is added to the
-        parameter's next gradient (until then it is the state a checkpoint keeps): nothing the
-        old compressor held back is lost. Parameters on the bypass stay there."""
+        steps only: nothing in flight); None, or a compressor that does not take the parameter's
+        shape, puts it on the fused bypass, as the policy does. A changed compressor starts with
+        empty memory; its old residual stays the residual when the new one has error feedback,
+        else it is added to the parameter's next gradient (until then it is the state a
+        checkpoint keeps): nothing the old compressor held back is lost. Parameters below the
+        policy's `min_numel` stay on the bypass."""
         by_name = {self.names[p]: p for p in self.compressors}
         for name, new in chosen.items():
             p = by_name[name]
-            old = self.compressors[p]
-            if old is None:
-                raise UserError(f"{name} rides the fused bypass (numel < min_numel or shape): its compressor cannot change")
-            if new == old:
+            if new is not None and not new.applies_to(p.shape):
+                new = None
+            if new == self.compressors[p]:
                 continue
-            state = self.states[p]
-            state.memory = None      # a residual stays: the new compressor's, or added to the next gradient
+            if p.numel() < self.policy.min_numel:
+                raise UserError(f"{name} rides the fused bypass (numel {p.numel()} < min_numel "
+                                f"{self.policy.min_numel}): its compressor cannot change")
+            self.states[p].memory = None      # a residual stays: the new compressor's, or added to the next gradient
             self.compressors[p] = new
+        if self.bypass.params != self._bypassed():
+            self.queue.set_order(self._launch_order())
+            self.bypass.set_params(self._bypassed())
+
+    def _launch_order(self) -> list[torch.Tensor]:
+        """The compressed parameters in the order their exchanges start: backward's usual one."""
+        return [p for p in reversed(self.compressors) if self.compressors[p] is not None]
+
+    def _bypassed(self) -> list[torch.Tensor]:
+        """The parameters on the bypass, in construction order (the same on every rank)."""
+        return [p for p in self.compressors if self.compressors[p] is None]
 
     def unsent(self) -> Iterator[torch.Tensor]:
         """The parameters not submitted this step, each with zeros in `p.grad` if it has no gradient

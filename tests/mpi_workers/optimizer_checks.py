@@ -6,6 +6,7 @@
     python optimizer_checks.py nan        rank 1 makes one gradient NaN at step 3 (the job must abort)
     python optimizer_checks.py buckets    the torch engine's buckets: fewer collectives, the same result
     python optimizer_checks.py grouped    a grouped allgather equals one allgather per tensor
+    python optimizer_checks.py placement  layers moved onto the bypass and off it between steps
 
 Every check runs on every rank; rank 0 prints one `ok ...` line per passed check. A failed check
 raises, and `run_guarded` takes the whole job down (no rank is left waiting in a collective).
@@ -25,13 +26,15 @@ from hpctrain import comm
 from hpctrain.cli import run_guarded
 from hpctrain.compression import FP16, AdaComp, LowRank, NoCompression, Policy, SignSGD, Threshold, TopK, simulate
 from hpctrain.compression.base import Compressor
+from hpctrain.errors import UserError
 from hpctrain.optimizer import DistributedOptimizer
+from hpctrain.optimizer.sync import StepStats
 
 COMPRESSORS: dict[str, Callable[[], Compressor]] = {
     "none": NoCompression, "fp16": FP16, "topk": lambda: TopK(0.05), "threshold": lambda: Threshold(density=0.05),
     "adacomp": lambda: AdaComp(conv_bin=5, fc_bin=50), "lowrank": lambda: LowRank(rank=2), "signsgd": SignSGD}
 FUSIONS = ("none", "backward", "forward")
-MIN_NUMEL = 300              # conv (144) and head (256) weights and every bias ride the bypass
+MIN_NUMEL = 300              # conv (48) and head (192) weights and every bias ride the bypass
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
     "adam": lambda ps: torch.optim.Adam(ps, lr=2e-3),
@@ -100,8 +103,9 @@ def wire_bytes(payload: torch.Tensor) -> int:
     return sent.numel() * sent.element_size()
 
 
-def check_one_step(label: str, model: Net, opt, micro_batches, tolerance: float) -> None:
-    """One step of `opt` against the simulated exchange of all ranks' gradients and states."""
+def check_one_step(label: str, model: Net, opt, micro_batches, tolerance: float) -> StepStats:
+    """One step of `opt` against the simulated exchange of all ranks' gradients and states; its
+    statistics."""
     params = dict(model.named_parameters())
     name_of = {p: n for n, p in params.items()}
     compressor = {name_of[p]: c for p, c in opt._compressor.items()}
@@ -119,11 +123,14 @@ def check_one_step(label: str, model: Net, opt, micro_batches, tolerance: float)
     for name, mine in got.items():
         for r, theirs in enumerate(everyone):
             assert torch.equal(theirs[name], mine), f"{label}: {name} differs between rank {me} and rank {r}"
-        grads = [g[name] for g in all_grads]
+        grads, states = [g[name] for g in all_grads], [s[name] for s in all_states]
+        if compressor[name] is None or not compressor[name].error_feedback:    # a residual left by a changed
+            grads = [g if s.residual is None else g + s.residual.to(g.dtype) for g, s in zip(grads, states)]
+            for state in states:                                                # compressor leaves with this one
+                state.residual = None
         if compressor[name] is None:
             expected, wire = torch.stack([g.float() for g in grads]).mean(0).to(mine.dtype), wire_bytes(mine)
         else:
-            states = [s[name] for s in all_states]
             rounds: list = []
             expected = simulate(compressor[name], grads, states, rounds)[me]
             wire = sum(wire_bytes(t) for requests in rounds for t in requests[me].payloads)
@@ -141,6 +148,7 @@ def check_one_step(label: str, model: Net, opt, micro_batches, tolerance: float)
     assert stats.dense_bytes == sum(p.numel() * 4 for p in model.parameters())
     opt.step()              # nothing left to exchange: the wrapped optimizer's update only
     opt.zero_grad()
+    return stats
 
 
 def exchange_checks() -> None:
@@ -275,8 +283,38 @@ def grouped_allgather_check() -> None:
     ok("grouped allgather: every tensor as its own allgather gives it")
 
 
+def placement_checks() -> None:
+    """Layers moved onto the fused bypass and off it between steps, as `compression = "auto"` does:
+    every step is the mean of what each rank sends (a residual left behind leaves with the next
+    gradient); the bypass carries the moved layers in its one collective; a compressor that does
+    not take a shape puts the layer there too; a tensor below min_numel cannot leave it."""
+    model = make_model()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(),
+                               compression=Policy(default=TopK(0.05), min_numel=MIN_NUMEL))
+    fc, name_of = ["fc1.weight", "fc2.weight"], {p: n for n, p in model.named_parameters()}
+    moves = [({}, set()), (dict.fromkeys(fc), set(fc)), ({"fc1.weight": FP16()}, {"fc2.weight"}),
+             ({"fc2.weight": Threshold(density=0.001, min_entries=100)}, {"fc2.weight"}),    # 2 of 2304: too few
+             ({"fc1.weight": NoCompression(), "fc2.weight": TopK(0.05)}, set())]
+    collectives = []
+    for step, (move, moved) in enumerate(moves):
+        opt.set_compressors(move)
+        on_bypass = {name_of[p] for p in opt._sync.bypass.params}
+        assert on_bypass & set(fc) == moved, (step, on_bypass)
+        assert {n for n, c in opt.compressor_names.items() if c == "dense"} == on_bypass
+        collectives.append(check_one_step(f"placement/step{step}", model, opt, [batch(step)], 1e-3).collectives)
+    if comm.get().engine == "horovod":       # one collective per queued exchange there: two fewer
+        assert collectives[1] < collectives[0], collectives
+    try:
+        opt.set_compressors({"conv.weight": TopK(0.05)})
+        raise AssertionError("a tensor below min_numel left the bypass")
+    except UserError as error:
+        assert "conv.weight rides the fused bypass (numel 48 < min_numel 300)" in str(error), error
+    opt.remove_hooks()
+    ok(f"placement: onto the bypass and off it, each step the mean of what the ranks sent; collectives {collectives}")
+
+
 CHECKS = {"exchange": exchange_checks, "fusion": fusion_checks, "nan": nan_check, "buckets": bucket_checks,
-          "grouped": grouped_allgather_check}
+          "grouped": grouped_allgather_check, "placement": placement_checks}
 
 if __name__ == "__main__":
     comm.init()
