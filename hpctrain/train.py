@@ -205,7 +205,7 @@ class Trainer:
         self._fingerprint: str | None = None
         self.rank, self.world = comm.rank(), comm.size()
         self.root = self.rank == 0
-        self._prepared: tuple[bool, dict[str, Any] | None] | None = None
+        self._prepared: tuple[bool, tuple[Path, dict[str, Any]] | None] | None = None   # resumed?, the checkpoint
         if prepare:
             self._prepare(resume, overwrite)
         self.device = comm.pick_device(cfg.train.device)
@@ -272,8 +272,9 @@ class Trainer:
         if message:
             raise AgreedError(message, printed=True)
 
-    def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> dict[str, Any] | None:
-        """Lock the run directory, refuse or move aside an old run, load and check the checkpoint."""
+    def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> tuple[Path, dict[str, Any]] | None:
+        """Lock the run directory, refuse or move aside an old run, load and check the checkpoint
+        (its path and state: None for a fresh start)."""
         run_dir = self.cfg.run_dir
         self.lock = rundir.RunLock(run_dir)
         self.lock.acquire()
@@ -310,7 +311,7 @@ class Trainer:
             state = checkpoint.load(path)
         self._check_resume(path, state)
         print(f"hpctrain: resuming from {path} (step {state['progress']['step']})", flush=True)
-        return state
+        return path, state
 
     def _check_resume(self, path: Path, state: dict[str, Any]) -> None:
         """The checkpoint must belong to this run: must-match keys equal, the same data, the ranks its
@@ -320,7 +321,8 @@ class Trainer:
         if old_data is not None and old_data != self.data_fingerprint():
             mismatched.append(f"data contents ({self.cfg.data.name}): {old_data or 'built-in'} -> "
                               f"{self.data_fingerprint() or 'built-in'}")
-        reason = CompressionState.resumable_at(state["compression"], self.world)
+        first = checkpoint.load_rank_parts(path, state, 0, ["compression"])["compression"]
+        reason = CompressionState.resumable_at(checkpoint.saved_ranks(state, "compression"), first, self.world)
         if reason:
             mismatched.append(f"world size: {state['world_size']} -> {self.world} ({reason})")
         if mismatched:
@@ -329,27 +331,31 @@ class Trainer:
                             "run (another run.name, or --overwrite)")
 
     # -- state -----------------------------------------------------------------------------
-    def _resume(self, state: dict[str, Any]) -> None:
+    def _resume(self, path: Path, state: dict[str, Any]) -> None:
+        """Every rank: the shared parts from `state` (read by rank 0, broadcast), its own from its file."""
+        mine = checkpoint.load_rank_parts(path, state, self.rank, [n for n, part in self.parts.items() if part.per_rank])
         for name, part in self.parts.items():
-            if name in state or not part.optional:
-                saved = state[name]
-                part.state.load_state_dict(saved[min(self.rank, len(saved) - 1)] if part.per_rank else saved)
+            saved = mine if part.per_rank else state
+            if name in saved or not part.optional:
+                part.state.load_state_dict(saved[name])
         self.log_rows = state["log_rows"]
 
     def _save(self) -> None:
-        """Every rank hands in its per-rank parts (first: that flushes pending updates); rank 0 writes."""
+        """Every rank writes its per-rank parts (first: that flushes pending updates), then rank 0
+        writes the checkpoint that makes them count."""
         start = time.perf_counter()
-        every_rank = {name: comm.get().allgather_object(part.state.state_dict(), name=f"ckpt.{name}")
-                      for name, part in self.parts.items() if part.per_rank}
+        step = self.progress.step
+        mine = {name: part.state.state_dict() for name, part in self.parts.items() if part.per_rank}
+        written = checkpoint.save_rank_parts(mine, self.cfg.run_dir, step, self.rank)
+        rank_bytes = comm.get().allgather_object(written, name=f"ckpt.{step}")    # every rank's file is complete
         if not self.root:
             return
         checkpoint.save({
             "hpctrain_version": __version__, "config": self.cfg.to_dict(), "world_size": self.world,
             "data_fingerprint": self.data_fingerprint(),
             "log_rows": self.log.row_counts() if self.log is not None else {},
-            **{name: every_rank[name] if part.per_rank else part.state.state_dict()
-               for name, part in self.parts.items()},
-        }, self.cfg.run_dir, self.progress.step, self.cfg.checkpoint.keep)
+            **{name: part.state.state_dict() for name, part in self.parts.items() if not part.per_rank},
+        }, self.cfg.run_dir, step, self.cfg.checkpoint.keep, rank_bytes)
         self._write_timing(time.perf_counter() - start)
 
     def _write_timing(self, checkpoint_s: float) -> None:
@@ -383,10 +389,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def _prepare(self, resume: str | None, overwrite: bool) -> None:
         """Rank 0 locks and checks the run directory; every rank learns the verdict (and the state)."""
-        state, error = None, None
+        found, error = None, None
         if self.root:
             try:
-                state = self._prepare_run_dir(resume, overwrite)
+                found = self._prepare_run_dir(resume, overwrite)
             except UserError as exc:
                 error = str(exc)
         try:
@@ -395,9 +401,9 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
             raise
-        resumed = comm.get().broadcast_object(state is not None, name="hpctrain.resumed") if self.world > 1 \
-            else state is not None
-        self._prepared = (resumed, state)
+        resumed = comm.get().broadcast_object(found is not None, name="hpctrain.resumed") if self.world > 1 \
+            else found is not None
+        self._prepared = (resumed, found)
 
     def fit(self, resume: str | None = None, overwrite: bool = False) -> int:
         """Train; returns the exit code (0, or `preempt.REQUEUE_EXIT_CODE` after a stop signal)."""
@@ -410,9 +416,9 @@ class Trainer:
                 self.lock.release()
 
     def _fit(self) -> int:
-        resumed, state = self._prepared
+        resumed, found = self._prepared
         if resumed:
-            self._resume(comm.get().broadcast_object(state, name="resume") if self.world > 1 else state)
+            self._resume(*(comm.get().broadcast_object(found, name="resume") if self.world > 1 else found))
         else:
             comm.broadcast_parameters(self.model.state_dict())
         self._open_log(resumed=resumed)

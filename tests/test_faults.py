@@ -19,6 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from hpctrain import checkpoint
 from hpctrain.errors import UserError
@@ -289,6 +290,32 @@ def test_resume_checks_config_and_falls_back_past_a_corrupt_checkpoint(tmp_path)
     assert json.loads(log["attrs"]["config"])["train"]["max_steps"] == 9
     record("truncated newest checkpoint", "resumes from the previous one, saying so", None)
     record("resume with a different model or seed", "refused, one line listing each difference", None)
+
+
+def test_each_rank_writes_its_own_file_and_a_missing_one_falls_back(tmp_path):
+    """Residuals (a model's worth per rank) go to one file per rank, never through rank 0; a
+    checkpoint missing a rank's file is passed over, and a killed save's files are cleared."""
+    run_dir, sets = tmp_path / "digits", ["compression.name=topk", "checkpoint.every_steps=3", "checkpoint.keep=5"]
+    job = mpirun_job(2, train_args(tmp_path, "train.max_steps=6", *sets), "horovod")
+    assert job.wait(120) == 0, job.stderr
+    older, newest = checkpoint.list_checkpoints(run_dir)
+    state = checkpoint.load(newest)
+    assert "compression" not in state and len(state["rank_bytes"]) == 2
+    parts = [torch.load(checkpoint.rank_parts_path(newest, r), weights_only=False)["compression"] for r in (0, 1)]
+    held = [torch.cat([s["residual"].flatten() for s in part.values() if s["residual"] is not None]) for part in parts]
+    assert held[0].abs().sum() > 0 and not torch.equal(held[0], held[1])        # each rank's own residuals
+    checkpoint.rank_parts_path(newest, 1).unlink()
+    interrupted = checkpoint.rank_parts_path(checkpoint.checkpoint_path(run_dir, 8), 0)
+    interrupted.parent.mkdir()
+    interrupted.write_bytes(b"killed before its checkpoint was written")
+    job = mpirun_job(2, train_args(tmp_path, "train.max_steps=9", *sets) + ["--resume=auto"], "horovod")
+    assert job.wait(120) == 0, job.stderr
+    assert (f"rank 1's file rank-000001.pt is missing; resuming from the previous intact checkpoint {older.name}"
+            in job.stdout), job.stdout
+    assert f"removed {interrupted.parent.name}, left by an interrupted checkpoint write" in job.stdout
+    assert not interrupted.parent.exists()
+    assert read_log(run_dir / "log.h5")["steps"]["step"].tolist() == list(range(1, 10))
+    record("a rank's checkpoint file missing", "resumes from the previous checkpoint, saying so", None)
 
 
 def test_damaged_log_never_hangs_report_or_resume(tmp_path):

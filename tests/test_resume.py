@@ -53,18 +53,29 @@ def test_every_part_is_a_stateful_and_resumes_to_the_state_saved(tmp_path) -> No
     path, saved = checkpoint.load_latest(tmp_path / "digits")
     assert path.name == f"step-{5:09d}.pt" and saved["world_size"] == 1
     resumed = _trainer(tmp_path, "train.max_steps=5")
-    resumed._resume(saved)
+    resumed._resume(path, saved)
     resumed.optimizer.remove_hooks()
+    own = checkpoint.load_rank_parts(path, saved, 0, ["compression"])
+    assert "compression" not in saved and saved["rank_bytes"] == [checkpoint.rank_parts_path(path, 0).stat().st_size]
     for name, part in resumed.parts.items():
-        assert _same(part.state.state_dict(), saved[name][0] if part.per_rank else saved[name]), name
+        assert _same(part.state.state_dict(), own[name] if part.per_rank else saved[name]), name
     assert resumed.optimizer.compressor_names == first.optimizer.compressor_names
     assert not resumed.auto.due(6, resumed.progress.global_batch)      # no new decision after the resume
+
+
+def test_a_checkpoint_with_every_ranks_parts_inline_still_resumes(tmp_path) -> None:
+    """Checkpoints of older hpctrain hold the per-rank parts as lists: rank r takes item r (the last
+    one beyond them)."""
+    state = {"compression": [{"w": 0}, {"w": 1}]}
+    assert checkpoint.load_rank_parts(tmp_path / "step-1.pt", state, 1, ["compression"]) == {"compression": {"w": 1}}
+    assert checkpoint.load_rank_parts(tmp_path / "step-1.pt", state, 5, ["compression"]) == {"compression": {"w": 1}}
+    assert checkpoint.saved_ranks(state, "compression") == 2
 
 
 def test_compression_state_loads_at_another_world_size_only_without_residuals() -> None:
     empty = {"fc.weight": {"residual": None, "steps": 3, "memory": {"q": torch.ones(2)}}}
     held = {"fc.weight": {"residual": torch.zeros(4), "steps": 3, "memory": None}}
-    assert CompressionState.resumable_at([held, held], 2) is None
-    assert CompressionState.resumable_at([empty, empty], 4) is None
-    assert CompressionState.resumable_at([held, held], 4) == ("the checkpoint holds per-rank residual memories; "
-                                                             "resume with -np 2")
+    assert CompressionState.resumable_at(2, held, 2) is None
+    assert CompressionState.resumable_at(2, empty, 4) is None
+    assert CompressionState.resumable_at(2, held, 4) == ("the checkpoint holds per-rank residual memories; "
+                                                         "resume with -np 2")

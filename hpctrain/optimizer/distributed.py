@@ -13,7 +13,7 @@ import contextlib
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -286,13 +286,13 @@ class CompressionState:
         self.optimizer.load_compression_state_dict(state)
 
     @staticmethod
-    def resumable_at(saved: Sequence[Mapping[str, Any]], world_size: int) -> str | None:
-        """Why the states `saved` by every rank of a run cannot be loaded by `world_size` ranks, or
-        None: a residual is what its rank has not sent yet, so it needs the same ranks; compressor
-        memories alone any rank may take over."""
-        if len(saved) == world_size or all(s["residual"] is None for s in saved[0].values()):
+    def resumable_at(saved_ranks: int, first: Mapping[str, Any], world_size: int) -> str | None:
+        """Why the states saved by `saved_ranks` ranks (`first`: rank 0's) cannot be loaded by
+        `world_size` ranks, or None: a residual is what its rank has not sent yet, so it needs the
+        same ranks; compressor memories alone any rank may take over."""
+        if saved_ranks == world_size or all(s["residual"] is None for s in first.values()):
             return None
-        return f"the checkpoint holds per-rank residual memories; resume with -np {len(saved)}"
+        return f"the checkpoint holds per-rank residual memories; resume with -np {saved_ranks}"
 
 
 def _check_names(named_parameters: Iterable[tuple[str, torch.Tensor]] | None,

@@ -76,7 +76,7 @@ def compute_scores(opts: ScoreOptions) -> int:
     """Score the train split of `opts.data` on every rank of the job; rank 0 writes the file."""
     methods = opts.methods
     out = opts.out_path()
-    state = checkpoint.load(opts.checkpoint) if opts.checkpoint else None
+    state = checkpoint.load(opts.checkpoint, ranks=False) if opts.checkpoint else None     # the model alone
     cfg = config_from_dict(state["config"], opts.overrides) if state else load_config(opts.config, opts.overrides)
     cfg.data.name = str(opts.data)
     comm.init()
