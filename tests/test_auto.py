@@ -230,11 +230,9 @@ def test_codecs_on_shared_cores_are_priced_at_their_share() -> None:
 
 
 @pytest.mark.mpi
-def test_the_fastest_measured_plan_stays_dense_measured_again_when_close(engine) -> None:
+def test_the_fastest_measured_plan_stays_dense_measured_again_beside_it(engine) -> None:
     passed = _worker_passes(2, "race", engine)
-    assert any(line.startswith("ok auto race faster:") for line in passed), passed
-    assert any(line.startswith("ok auto race slower:") for line in passed), passed
-    assert any(line.startswith("ok auto race dense again:") for line in passed), passed
+    assert any(line.startswith("ok auto race:") for line in passed), passed
 
 
 @pytest.mark.mpi

@@ -30,11 +30,12 @@ The model can be wrong (per-collective overheads it does not describe, a busy ma
 first decision is settled by measurement, as an autotuner would: the model's plan and up to
 TRIAL_PLANS − 1 alternatives (each candidate placed as its fixed method would place it — on every
 layer it applies to, the bypass elsewhere — if the model puts that within TRIAL_WINDOW of its
-plan: `alternatives`) run `compression.check_steps` steps each, one after the other, and the fastest measured stays — or dense, when even that is slower than the dense steps
-of the warm-up at the same global batch by more than CHECK_TOLERANCE. When the fastest is faster
-than those but within TRIAL_WINDOW of them, dense runs `check_steps` steps again beside the
-plans (the warm-up's steps come first in the run, when steps are slowest) and the fastest of all
-stays, dense included. When the two fastest measured are within CONFIRM_WINDOW of each other,
+plan: `alternatives`) run `compression.check_steps` steps each, one after the other, and the
+fastest measured stays — or dense, when even that is slower than the dense steps of the warm-up
+at the same global batch by more than CHECK_TOLERANCE. When the fastest and those dense steps
+are within TRIAL_WINDOW of each other, either way, dense runs `check_steps` steps again beside
+the plans (the warm-up has few dense steps, and they come first in the run, when steps are
+slowest, or on a busy machine happen to be quick) and the fastest of all stays, dense included. When the two fastest measured are within CONFIRM_WINDOW of each other,
 both run `check_steps` steps once more and each is judged by the median of all its steps: on a
 busy machine a few steps' medians differ by more than the plans do, and the lowest of several
 noisy medians is more often luck than speed. Each switch is an `events` row; the last names
@@ -433,7 +434,7 @@ class AutoCompression:
         ranked = sorted(medians, key=lambda tried: tried[1])
         fastest = ranked[0][1]
         if not self.plans and not any(_all_dense(c) for c, _ in medians) and \
-                fastest <= (1 + CHECK_TOLERANCE) * dense <= self.trial_window * fastest:
+                max(fastest, dense) <= self.trial_window * min(fastest, dense):
             self.plans.append(Choice.dense(self.choice.per_layer, dense,
                                            f"dense everywhere again (the warm-up's dense steps took {dense * 1e3:.3g} "
                                            f"ms, within {self.trial_window:g}× of the fastest plan's "
