@@ -333,7 +333,8 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------
     def _resume(self, path: Path, state: dict[str, Any]) -> None:
         """Every rank: the shared parts from `state` (read by rank 0, broadcast), its own from its file."""
-        mine = checkpoint.load_rank_parts(path, state, self.rank, [n for n, part in self.parts.items() if part.per_rank])
+        per_rank = [name for name, part in self.parts.items() if part.per_rank]
+        mine = checkpoint.load_rank_parts(path, state, self.rank, per_rank)
         for name, part in self.parts.items():
             saved = mine if part.per_rank else state
             if name in saved or not part.optional:

@@ -35,10 +35,11 @@ fastest measured stays — or dense, when even that is slower than the dense ste
 at the same global batch by more than CHECK_TOLERANCE. When the fastest and those dense steps
 are within TRIAL_WINDOW of each other, either way, dense runs `check_steps` steps again beside
 the plans (the warm-up has few dense steps, and they come first in the run, when steps are
-slowest, or on a busy machine happen to be quick) and the fastest of all stays, dense included. When the two fastest measured are within CONFIRM_WINDOW of each other,
-both run `check_steps` steps once more and each is judged by the median of all its steps: on a
-busy machine a few steps' medians differ by more than the plans do, and the lowest of several
-noisy medians is more often luck than speed. Each switch is an `events` row; the last names
+slowest, or on a busy machine happen to be quick) and the fastest of all stays, dense included.
+When the two fastest measured are within CONFIRM_WINDOW of each other, both run `check_steps`
+steps once more and each is judged by the median of all its steps: on a busy machine a few
+steps' medians differ by more than the plans do, and the lowest of several noisy medians is
+more often luck than speed. Each switch is an `events` row; the last names
 every plan's measured step.
 
 The trainer's part: `auto = auto_from_config(cfg.compression, comm.local_size())`, then

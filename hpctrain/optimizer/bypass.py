@@ -1,10 +1,11 @@
 """The small-tensor bypass: one fused dense allreduce per step, with every rank's non-finite flag.
 
 Tensors below the policy's `min_numel` (and shapes the chosen compressor cannot take) are not
-worth encoding; `compression = "auto"` may put larger ones here too (`set_params`). After backward their gradients, in construction order (the same group on every
-rank), and the step's non-finite flags (`NonFiniteFlags.to_send`) leave as one grouped
-allreduce of plain sums: the gradients prescaled by 1/gradient_predivide_factor before it and
-scaled to the average (or sum) after it.
+worth encoding; `compression = "auto"` may put larger ones here too (`set_params`). After
+backward their gradients, in construction order (the same group on every rank), and the step's
+non-finite flags (`NonFiniteFlags.to_send`) leave as one grouped allreduce of plain sums: the
+gradients prescaled by 1/gradient_predivide_factor before it and scaled to the average (or sum)
+after it.
 """
 from __future__ import annotations
 

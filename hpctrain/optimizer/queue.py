@@ -58,7 +58,8 @@ class _InFlight:
 
 class ExchangeQueue:
     def __init__(self, order: list[torch.Tensor], names: dict[torch.Tensor, str], bucket_name: str,
-                 communicator: Communicator, reduction: Reduction, start: Callable[[torch.Tensor, torch.Tensor], Rounds],
+                 communicator: Communicator, reduction: Reduction,
+                 start: Callable[[torch.Tensor, torch.Tensor], Rounds],
                  finish: Callable[[torch.Tensor, torch.Tensor], None],
                  count_wire: Callable[[torch.Tensor, int, bool], None], count_codec: Callable[[float], None],
                  count_collectives: Callable[[int], None],
