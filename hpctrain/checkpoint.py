@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically by rank 0, found and validated on resume.
+"""Checkpoints: written atomically (each rank its own parts, rank 0 the rest), validated on resume.
 
 A checkpoint is one `torch.save` file `<run_dir>/checkpoints/step-<N>.pt`, written by rank 0:
 what identifies the run (config, data fingerprint, world size, versions) and, under its key, the
