@@ -18,18 +18,21 @@ from hpctrain.optimizer.reduction import Reduction
 class Bypass:
     def __init__(self, params: list[torch.Tensor], name: str, communicator: Communicator, reduction: Reduction):
         self.params = params          # construction order: the same on every rank
-        self._name = name             # the collective's name (unique as long as parameter names are)
+        self._base_name = name        # unique as long as parameter names are
         self._comm = communicator
         self._reduction = reduction
         self._work: Work | None = None
         self._changes = 0             # membership changes so far (`set_params`)
 
+    @property
+    def _name(self) -> str:
+        """The collective's name: one per membership, so no engine sees one name with two layouts."""
+        return f"{self._base_name}@{self._changes}" if self._changes else self._base_name
+
     def set_params(self, params: list[torch.Tensor]) -> None:
-        """Carry these parameters from the next step on (between steps: nothing in flight). The
-        collective takes a new name, so no engine sees one name with two layouts."""
+        """Carry these parameters from the next step on (between steps: nothing in flight)."""
         self.params = params
         self._changes += 1
-        self._name = f"{self._name.rsplit('@', 1)[0]}@{self._changes}"
 
     @property
     def in_flight(self) -> bool:

@@ -142,6 +142,7 @@ class GradientSync:
         checkpoint keeps): nothing the old compressor held back is lost. Parameters below the
         policy's `min_numel` stay on the bypass."""
         by_name = {self.names[p]: p for p in self.compressors}
+        crossed = False       # some parameter moved between the queue and the bypass
         for name, new in chosen.items():
             p = by_name[name]
             if new is not None and not new.applies_to(p.shape):
@@ -152,8 +153,9 @@ class GradientSync:
                 raise UserError(f"{name} rides the fused bypass (numel {p.numel()} < min_numel "
                                 f"{self.policy.min_numel}): its compressor cannot change")
             self.states[p].memory = None      # a residual stays: the new compressor's, or added to the next gradient
+            crossed |= (new is None) != (self.compressors[p] is None)
             self.compressors[p] = new
-        if self.bypass.params != self._bypassed():
+        if crossed:
             self.queue.set_order(self._launch_order())
             self.bypass.set_params(self._bypassed())
 

@@ -294,7 +294,8 @@ def placement_checks() -> None:
     fc, name_of = ["fc1.weight", "fc2.weight"], {p: n for n, p in model.named_parameters()}
     moves = [({}, set()), (dict.fromkeys(fc), set(fc)), ({"fc1.weight": FP16()}, {"fc2.weight"}),
              ({"fc2.weight": Threshold(density=0.001, min_entries=100)}, {"fc2.weight"}),    # 2 of 2304: too few
-             ({"fc1.weight": NoCompression(), "fc2.weight": TopK(0.05)}, set())]
+             ({"fc1.weight": None, "fc2.weight": TopK(0.05)}, {"fc1.weight"}),               # one on, one off
+             ({"fc1.weight": NoCompression()}, set())]
     collectives = []
     for step, (move, moved) in enumerate(moves):
         opt.set_compressors(move)
