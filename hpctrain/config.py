@@ -156,11 +156,12 @@ class CompressionConfig:
     link: str = "auto"
     # `name = "auto"`: the first decision is settled by measurement: the model's plan and up to
     # trial_plans − 1 alternatives run check_steps steps each; the fastest stays, or dense when it
-    # is slower than the warm-up's dense steps by over 5% (when it is faster, but by less than 1.5×,
-    # dense runs check_steps again beside them and may win). check_steps = 0 trusts the model;
+    # is slower than the warm-up's dense steps by over 5% (when the two are within 1.5× of each
+    # other, either way, dense runs check_steps again beside them and may win; when the two fastest
+    # are within 1.2×, both run check_steps again). check_steps = 0 trusts the model;
     # trial_plans = 1 measures the model's plan against dense only; the default 5 measures every
-    # candidate everywhere it applies that the model puts within 1.5× of its plan (the model ranks
-    # close plans poorly on a busy machine). Each plan costs check_steps + 1 steps: on a run of a
+    # candidate placed as its fixed method would be that the model puts within 1.5× of its plan (the
+    # model ranks close plans poorly on a busy machine). Each plan costs check_steps + 1 steps: on a run of a
     # few hundred steps the default's 25 (30 with dense again) are a small price for the fastest plan.
     check_steps: int = 4
     trial_plans: int = 5

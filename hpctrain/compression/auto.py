@@ -107,11 +107,16 @@ class Measured:
     fusion: Fusion = HOROVOD_FUSION
     bypass_bytes: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Where each layer can go (each candidate that takes its shape, and BYPASS): read by every
+        # plan the model prices, so built once.
+        self._options = {layer: {**{cand: cost for cand, cost in costs.items() if cost.applies},
+                                 BYPASS: LayerCost(costs["none"].wire_bytes, "allreduce", 0.0, round="bypass")}
+                         for layer, costs in self.layers.items()}
+
     def options(self, layer: str) -> dict[str, LayerCost]:
         """Where `layer` can go: each candidate that takes its shape, and BYPASS."""
-        costs = self.layers[layer]
-        bypass = LayerCost(costs["none"].wire_bytes, "allreduce", 0.0, round="bypass")
-        return {**{cand: cost for cand, cost in costs.items() if cost.applies}, BYPASS: bypass}
+        return self._options[layer]
 
 
 @dataclass(frozen=True)
